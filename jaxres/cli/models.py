@@ -1,0 +1,58 @@
+"""`jaxres models`: the registry as a table (name, family, parameters, MACs, input, paper)."""
+
+from __future__ import annotations
+
+import json
+
+from jaxres.models.registry import list_models, model_card
+
+
+def model_table(names) -> list[dict]:
+    rows = []
+    for name in names:
+        card = model_card(name)
+        rows.append({
+            "name": name,
+            "family": card.family,
+            "params": card.params,
+            "macs": card.macs,
+            "input_size": card.input_size,
+            "num_classes": card.num_classes,
+            "paper": card.paper,
+            "note": card.note,
+        })
+    return rows
+
+
+def format_table(rows) -> str:
+    header = f"{'name':<20} {'family':<20} {'params':>13} {'GMACs':>8} {'input':>9}  reference"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        size = f"{r['input_size']}x{r['input_size']}"
+        lines.append(
+            f"{r['name']:<20} {r['family']:<20} {r['params']:>13,d} {r['macs'] / 1e9:>8.3f} {size:>9}  "
+            f"{r['paper'].split(',')[0]} {r['paper'].split('(')[-1].rstrip(')')}; {r['note']}"
+        )
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    names = list_models(args.family)
+    if args.name:
+        names = [n for n in names if any(part in n for part in args.name)]
+    rows = model_table(names)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list the model zoo: parameters, MACs, input size, paper",
+        description="Every registry entry with its trainable parameters and multiply-accumulates "
+        "per example at its default input size (computed abstractly from the model, no weights).",
+    )
+    parser.add_argument("name", nargs="*", help="only names containing one of these substrings")
+    parser.add_argument("--family", help="only this family (vgg, resnet, plain, cifar_resnet, ...)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)

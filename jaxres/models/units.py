@@ -1,0 +1,134 @@
+"""The unit interface: every jaxres model is `stem -> unit_1 -> ... -> unit_K -> head`.
+
+A *unit* is one residual block (or its plain twin) of a ResNet, or one conv layer
+(+BN+activation, with a following max pool attached to its end) of a VGG. The analysis and
+training code see models only through this interface:
+
+- `unit_names(model)` -> ("stem", "unit_1", ..., "unit_K", "head");
+- `model.apply(variables, x, capture=True)` -> (logits, {unit name: its output});
+- `model.apply(variables, h, start="unit_3", stop="unit_7")` applies units 3..7 (inclusive)
+  to the activation `h` (the output of unit_2), with the same variables.
+
+Composing ranges reproduces the full forward pass exactly (same ops, same order).
+Inside a unit, each weight layer's normalized output (before the activation or the residual
+addition) is a probe named `layer1`, `layer2`, ...; unit outputs are probes named
+`out_<unit>` at the top level. See `layers.probe` for how the analysis reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+from flax import linen as nn
+
+from jaxres.models.layers import closest_names, probe
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+    """One unit of a model: its name, a builder of its module, and its input channels."""
+
+    name: str
+    build: Callable[..., nn.Module]  # build(name=...) -> module called as module(x)
+    in_channels: int
+
+
+class UnitModel(nn.Module):
+    """Base class: subclasses define `unit_specs()`; this class runs any range of them."""
+
+    def unit_specs(self, train: bool) -> Sequence[UnitSpec]:
+        """The units in order; `train` selects batch statistics and dropout in their builders."""
+        raise NotImplementedError
+
+    def unit_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.unit_specs(False))
+
+    def unit_range(self, start: str | None, stop: str | None) -> tuple[int, int]:
+        """Indices [first, last] of the units from `start` to `stop`, both inclusive."""
+        names = self.unit_names()
+
+        def index(name, default):
+            if name is None:
+                return default
+            if name not in names:
+                raise ValueError(
+                    f"unknown unit {name!r}{closest_names(name, names)}; this model's units are "
+                    f"{names[0]}, {names[1]} ... {names[-2]}, {names[-1]} ({len(names)} in all)"
+                )
+            return names.index(name)
+
+        first, last = index(start, 0), index(stop, len(names) - 1)
+        if first > last:
+            raise ValueError(f"start unit {start!r} comes after stop unit {stop!r}")
+        return first, last
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, *, start: str | None = None,
+                 stop: str | None = None, capture: bool = False):
+        """Applies units `start`..`stop` (inclusive; default: the whole model) to NHWC `x`.
+
+        Returns the last unit's output, or `(output, {unit name: output})` with `capture`.
+        `train=True` uses batch statistics in BatchNorm (pass `mutable=["batch_stats"]`)
+        and enables dropout (pass `rngs={"dropout": key}`).
+        """
+        specs = self.unit_specs(train)
+        first, last = self.unit_range(start, stop)
+        check_input(x, specs[first])
+        outputs = {}
+        for spec in specs[first : last + 1]:
+            x = spec.build(name=spec.name)(x)
+            if spec.name != "head":
+                x = probe(self, f"out_{spec.name}", x)
+            if capture:
+                outputs[spec.name] = x
+        return (x, outputs) if capture else x
+
+
+def check_input(x, spec: UnitSpec) -> None:
+    """Rejects inputs the unit cannot take, before any shape error deep inside XLA."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"input to {spec.name!r} must be an array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(
+            f"input to {spec.name!r} must be a 4-D NHWC batch (N, H, W, C), got shape "
+            f"{tuple(x.shape)}; add a batch axis with x[None] for a single image"
+        )
+    if x.shape[-1] != spec.in_channels:
+        hint = ""
+        if x.shape[1] == spec.in_channels:
+            hint = "; it looks like NCHW: pass x.transpose(0, 2, 3, 1)"
+        raise ValueError(
+            f"input to {spec.name!r} must have {spec.in_channels} channels in the last (NHWC) "
+            f"axis, got shape {tuple(x.shape)}{hint}"
+        )
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+        raise TypeError(
+            f"input to {spec.name!r} must be floating point, got {x.dtype}; convert uint8 "
+            f"images with x.astype(jnp.float32) / 255 and normalize"
+        )
+
+
+def unit_names(model: UnitModel) -> tuple[str, ...]:
+    """("stem", "unit_1", ..., "head") for any zoo model."""
+    return model.unit_names()
+
+
+def unit_outputs(model: UnitModel, variables, x, train: bool = False, rngs=None):
+    """(logits, {unit name: output}): the activations at every unit boundary.
+
+    With `train=True` BatchNorm uses batch statistics (the updated statistics are dropped)
+    and dropout needs `rngs={"dropout": key}`.
+    """
+    if not train:
+        return model.apply(variables, x, False, capture=True)
+    (logits, outputs), _ = model.apply(
+        variables, x, True, capture=True, rngs=rngs, mutable=["batch_stats"]
+    )
+    return logits, outputs
+
+
+def apply_units(model: UnitModel, variables, h, start: str, stop: str):
+    """Applies units `start`..`stop` (inclusive) in eval mode to the activation `h`."""
+    return model.apply(variables, h, False, start=start, stop=stop)
