@@ -116,10 +116,13 @@ def conv_def(kernel_init: str, use_bias: bool, dtype, param_dtype) -> ModuleDef:
     )
 
 
-def norm_def(norm: str, train: bool, momentum: float, epsilon: float, dtype, param_dtype):
+def norm_def(norm: str, train: bool, momentum: float, epsilon: float, dtype, param_dtype,
+             axis_name: str | None = None):
     """The norm partial every block receives, or None for normalization-free networks.
 
     torch's BatchNorm momentum=0.1 is Flax's momentum=0.9 (weight of the old running value).
+    `axis_name`: a mapped axis (pmap/shard_map) over which training batch statistics are
+    averaged (synchronized BatchNorm); None keeps them per device.
     """
     pick("normalization", norm, dict.fromkeys(NORMS))
     if norm == "none":
@@ -131,6 +134,7 @@ def norm_def(norm: str, train: bool, momentum: float, epsilon: float, dtype, par
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
+        axis_name=axis_name,
     )
 
 

@@ -238,6 +238,7 @@ class ResNet(UnitModel):
     in_channels: int = 3
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None  # synchronized BatchNorm over this mapped axis (training)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -258,7 +259,8 @@ class ResNet(UnitModel):
 
     def unit_specs(self, train: bool) -> list[UnitSpec]:
         conv = conv_def(self.kernel_init, self.norm == "none", self.dtype, self.param_dtype)
-        norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype)
+        norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
+                        self.bn_axis_name)
         act = ACTIVATIONS[self.activation]
         block_cls = BLOCKS[(self.block, self.preact)]
         imagenet = self.stem == "imagenet"

@@ -105,6 +105,7 @@ class VGG(UnitModel):
     in_channels: int = 3
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None  # synchronized BatchNorm over this mapped axis (training)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -122,7 +123,8 @@ class VGG(UnitModel):
     def unit_specs(self, train: bool) -> list[UnitSpec]:
         # VGG convs keep their bias even with BN (torchvision), hence use_bias=True.
         conv = conv_def(self.kernel_init, True, self.dtype, self.param_dtype)
-        norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype)
+        norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
+                        self.bn_axis_name)
         act = ACTIVATIONS[self.activation]
         specs, channels = [], self.in_channels
         widths = list(self.layers)
