@@ -44,20 +44,19 @@ class ModelCard:
         return self.builder(**overrides)
 
     @functools.cached_property
-    def _complexity(self) -> tuple[int, int]:
-        model = self.build()
-        variables = complexity.abstract_variables(model, self.input_size)
-        return complexity.count_params(variables), complexity.count_macs(model, self.input_size, variables)
+    def abstract_variables(self):
+        """Shapes and dtypes of the default model's variables (nothing allocated)."""
+        return complexity.abstract_variables(self.build(), self.input_size)
 
-    @property
+    @functools.cached_property
     def params(self) -> int:
         """Trainable parameters at the default number of classes."""
-        return self._complexity[0]
+        return complexity.count_params(self.abstract_variables)
 
-    @property
+    @functools.cached_property
     def macs(self) -> int:
         """Multiply-accumulates per example at the default input size."""
-        return self._complexity[1]
+        return complexity.count_macs(self.build(), self.input_size, self.abstract_variables)
 
 
 _REGISTRY: dict[str, ModelCard] = {}

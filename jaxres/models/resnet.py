@@ -76,10 +76,12 @@ class Block(nn.Module):
                 x = x[:, :: self.strides, :: self.strides, :]
             extra = out - x.shape[-1]
             return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        # He et al. 2016 feed the projection from the shared pre-activation.
-        source = x if preactivated is None else preactivated
-        y = self.conv(out, (1, 1), self.strides, padding=pad(0), name="proj_conv")(source)
-        return self.normalize(y, "proj_norm")
+        y = self.conv(out, (1, 1), self.strides, padding=pad(0), name="proj_conv")
+        if preactivated is not None:
+            # He et al. 2016: the projection reads the shared pre-activation and, like the
+            # branch it is added to, ends in a conv (no norm; timm's ResNetV2 does the same).
+            return y(preactivated)
+        return self.normalize(y(x), "proj_norm")
 
     def merge(self, shortcut, branch):
         if self.shortcut == "none":

@@ -1,0 +1,19 @@
+"""Shared fixtures: small models compiled once per session."""
+
+import jax
+import pytest
+
+from jaxres.models import ResNet
+
+
+def tiny_cifar_resnet(**overrides) -> ResNet:
+    """A 3-stage CIFAR ResNet with one block per stage and widths 4/8/16: every code path of
+    cifar_resnet (option-A shortcut with pad + stride) at a fraction of the compile time."""
+    config = dict(stage_sizes=(1, 1, 1), widths=(4, 8, 16), stem="cifar", shortcut="A", num_classes=10)
+    config.update(overrides)
+    return ResNet(**config)
+
+
+@pytest.fixture(scope="session")
+def key():
+    return jax.random.key(0)

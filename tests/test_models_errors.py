@@ -1,0 +1,107 @@
+"""Bad input gets a clear error naming the problem and the fix (issue 2, item 9)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxres
+from jaxres.models import ResNet, cifar_resnet, imagenet_resnet, vgg
+from tests.conftest import tiny_cifar_resnet
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_cifar_resnet()
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_unknown_model_names_the_closest_matches():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet51'; did you mean 'resnet50'"):
+        jaxres.create_model("resnet51")
+    with pytest.raises(ValueError, match="cifar_resnet56"):
+        jaxres.create_model("cifar_resnet_56")
+
+
+def test_unknown_override():
+    with pytest.raises(TypeError, match=r"unknown override\(s\) activaton; did you mean 'activation'"):
+        jaxres.create_model("resnet18", activaton="tanh")
+    with pytest.raises(TypeError, match="stage_sizes"):  # structural: pick another entry
+        jaxres.create_model("resnet18", stage_sizes=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_num_classes_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        jaxres.create_model("cifar_resnet20", num_classes=bad)
+
+
+@pytest.mark.parametrize("depth", [51, 21, 1])
+def test_cifar_depth_must_be_6n_plus_2(depth):
+    with pytest.raises(ValueError, match=r"6n\+2 \(20, 32, 44, 56, 110, 1202\); got"):
+        cifar_resnet(depth)
+
+
+def test_cifar_bottleneck_depth_must_be_9n_plus_2():
+    with pytest.raises(ValueError, match=r"9n\+2 \(164, 1001\); got 100"):
+        cifar_resnet(100, block="bottleneck")
+
+
+def test_imagenet_and_vgg_depths():
+    with pytest.raises(ValueError, match=r"one of \[18, 34, 50, 101, 152\]; got 20"):
+        imagenet_resnet(20)
+    with pytest.raises(ValueError, match=r"one of \[11, 13, 16, 19\]; got 12"):
+        vgg(12)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("activation", "rleu", "unknown activation 'rleu'; did you mean 'relu'"),
+        ("norm", "layernorm", "unknown normalization 'layernorm'"),
+        ("kernel_init", "he_normal", "unknown kernel initializer 'he_normal'; did you mean"),
+        ("shortcut", "D", "unknown shortcut option 'D'"),
+    ],
+)
+def test_unknown_study_switches(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        jaxres.create_model("cifar_resnet20", **{field: value})
+
+
+def test_nchw_input_is_recognised(tiny):
+    model, variables = tiny
+    with pytest.raises(ValueError, match=r"3 channels in the last \(NHWC\) axis, got shape \(2, 3, 16, 16\); it looks like NCHW"):
+        model.apply(variables, jnp.zeros((2, 3, 16, 16)))
+
+
+def test_wrong_rank(tiny):
+    model, variables = tiny
+    with pytest.raises(ValueError, match=r"4-D NHWC batch.*got shape \(16, 16, 3\); add a batch axis"):
+        model.apply(variables, jnp.zeros((16, 16, 3)))
+
+
+def test_integer_images_are_rejected(tiny):
+    model, variables = tiny
+    with pytest.raises(TypeError, match="floating point, got uint8"):
+        model.apply(variables, jnp.zeros((1, 16, 16, 3), jnp.uint8))
+
+
+def test_a_unit_range_checks_its_own_input_channels(tiny):
+    model, variables = tiny
+    with pytest.raises(ValueError, match="input to 'unit_2' must have 4 channels"):
+        model.apply(variables, jnp.zeros((1, 8, 8, 8)), start="unit_2")
+
+
+def test_option_a_cannot_narrow():
+    model = ResNet(stage_sizes=(1, 1), widths=(8, 4), stem="cifar", shortcut="A")
+    with pytest.raises(ValueError, match="option A cannot zero-pad unit_2 from 8 to 4 channels; use shortcut='B'"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_mismatched_stage_config():
+    with pytest.raises(ValueError, match="same length"):
+        ResNet(stage_sizes=(1, 1), widths=(4,))
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown family 'resnets'; did you mean 'resnet'"):
+        jaxres.list_models("resnets")
