@@ -17,3 +17,8 @@ def tiny_cifar_resnet(**overrides) -> ResNet:
 @pytest.fixture(scope="session")
 def key():
     return jax.random.key(0)
+
+
+def init(model, x, seed: int = 0):
+    """`model.init` compiled as one program: far faster than op-by-op for every test model."""
+    return jax.jit(model.init)(jax.random.key(seed), x)

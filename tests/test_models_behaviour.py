@@ -10,7 +10,7 @@ import pytest
 import jaxres
 from jaxres.models import ResNet
 from jaxres.models.layers import KERNEL_INITS
-from tests.conftest import tiny_cifar_resnet
+from tests.conftest import init, tiny_cifar_resnet
 
 X = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
 
@@ -18,7 +18,7 @@ X = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
 @functools.cache
 def initialized(**config):
     model = tiny_cifar_resnet(**config)
-    return model, model.init(jax.random.key(0), X)
+    return model, init(model, X)
 
 
 def test_train_mode_uses_batch_statistics_and_updates_running_averages():
@@ -51,7 +51,7 @@ def test_option_a_twins_have_identical_parameter_trees():
 def test_twins_share_everything_but_the_shortcut():
     resnet, variables = initialized(shortcut="B")
     plain = tiny_cifar_resnet(shortcut="B", residual=False)
-    plain_vars = jax.tree.map(jnp.zeros_like, plain.init(jax.random.key(0), X))
+    plain_vars = jax.eval_shape(plain.init, jax.random.key(0), X)
     res_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables)}
     plain_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(plain_vars)}
     assert plain_paths < res_paths
@@ -135,7 +135,7 @@ def test_torchvision_default_init_of_the_head():
 def test_bfloat16_compute_with_float32_parameters():
     model32, variables = initialized()
     model16 = tiny_cifar_resnet(dtype=jnp.bfloat16)
-    assert jax.tree.leaves(jax.tree.map(lambda a: a.dtype, model16.init(jax.random.key(0), X)["params"]))[0] == jnp.float32
+    assert jax.tree.leaves(jax.tree.map(lambda a: a.dtype, jax.eval_shape(model16.init, jax.random.key(0), X)["params"]))[0] == jnp.float32
     logits16 = jax.jit(model16.apply)(variables, X)
     logits32 = jax.jit(model32.apply)(variables, X)
     assert logits16.dtype == jnp.float32  # logits are always float32
@@ -147,7 +147,7 @@ def test_bfloat16_compute_with_float32_parameters():
 def test_vgg_dropout_needs_a_key_in_train_mode_and_is_off_in_eval():
     model = jaxres.models.VGG(layers=(8, "M"), pool_size=1, classifier_widths=(16,), num_classes=3)
     x = X[:, :8, :8]
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, x)
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
     a = model.apply(variables, x, True, rngs={"dropout": jax.random.key(1)})
     b = model.apply(variables, x, True, rngs={"dropout": jax.random.key(2)})

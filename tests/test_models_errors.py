@@ -6,13 +6,13 @@ import pytest
 
 import jaxres
 from jaxres.models import ResNet, cifar_resnet, imagenet_resnet, vgg
-from tests.conftest import tiny_cifar_resnet
+from tests.conftest import init, tiny_cifar_resnet
 
 
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_cifar_resnet()
-    return model, model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    return model, init(model, jnp.zeros((1, 16, 16, 3)))
 
 
 def test_unknown_model_names_the_closest_matches():
@@ -94,7 +94,7 @@ def test_a_unit_range_checks_its_own_input_channels(tiny):
 def test_option_a_cannot_narrow():
     model = ResNet(stage_sizes=(1, 1), widths=(8, 4), stem="cifar", shortcut="A")
     with pytest.raises(ValueError, match="option A cannot zero-pad unit_2 from 8 to 4 channels; use shortcut='B'"):
-        model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_mismatched_stage_config():

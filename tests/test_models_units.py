@@ -9,7 +9,7 @@ import pytest
 
 import jaxres
 from jaxres.models import ResNet, VGG
-from tests.conftest import tiny_cifar_resnet
+from tests.conftest import init, tiny_cifar_resnet
 
 # One small instance per block type and family; each is compiled once per module.
 MODELS = {
@@ -28,7 +28,7 @@ def setup(kind):
     model = MODELS[kind]
     size = SIZES.get(kind, 16)
     x = jax.random.normal(jax.random.key(1), (3, size, size, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, x)
     return model, variables, x
 
 
@@ -82,7 +82,7 @@ def test_probes_cover_every_weight_layer():
     probes = state["intermediates"]
     assert sorted(probes["unit_1"]) == ["layer1", "layer2", "layer3"]
     assert "out_unit_2" in probes and "out_head" not in probes
-    assert "perturbations" not in model.init(jax.random.key(0), x)
+    assert sorted(variables) == ["batch_stats", "params"]  # no probe collections
 
 
 def test_perturbations_give_gradients_at_unit_boundaries():
