@@ -1,0 +1,102 @@
+"""`jaxres convert torchvision`: a torchvision VGG/ResNet state_dict -> a jaxres weights file.
+
+    jaxres convert torchvision --model resnet50 --from resnet50-11ad3fa6.pth --out weights/
+    jaxres convert torchvision --model resnet50 --weights IMAGENET1K_V2 --out weights/ --verify
+
+writes weights/resnet50.safetensors (format: jaxres/weights/io.py), loadable without torch by
+`jaxres.pretrained("resnet50", "weights/resnet50.safetensors")`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jaxres.models.complexity import count_params
+from jaxres.weights.descriptors import TORCHVISION_WEIGHTS, torchvision_weights
+from jaxres.weights.io import save_weights
+from jaxres.weights.pretrained import fetch_torchvision_file
+from jaxres.weights.torchvision import (
+    convertible_models,
+    from_torchvision,
+    identify,
+    read_state_dict,
+    state_dict_num_classes,
+)
+
+
+def _descriptor_for(model: str, source: Path):
+    """The published descriptor whose file name is `source`'s, if any (for its preprocessing)."""
+    for descriptor in TORCHVISION_WEIGHTS.values():
+        if descriptor.model == model and descriptor.filename == source.name:
+            return descriptor
+    return None
+
+
+def run(args) -> int:
+    try:
+        return convert(args)
+    except ImportError as err:  # torch missing: a one-line error, not a traceback
+        raise ValueError(str(err)) from None
+
+
+def convert(args) -> int:
+    if (args.source is None) == (args.weights is None):
+        raise ValueError("give exactly one of --from FILE and --weights TAG (e.g. IMAGENET1K_V1)")
+    if args.weights is not None:
+        if args.model is None:
+            raise ValueError("--weights needs --model (e.g. --model resnet50)")
+        descriptor = torchvision_weights(args.model, args.weights)
+        source = fetch_torchvision_file(descriptor)
+    else:
+        source = Path(args.source)
+        descriptor = None
+    state_dict = read_state_dict(source)
+    model = args.model or identify(state_dict)
+    if model is None:
+        raise ValueError(f"cannot tell which torchvision model {source} holds; pass --model ({', '.join(convertible_models())})")
+    descriptor = descriptor or _descriptor_for(model, source)
+    num_classes = state_dict_num_classes(state_dict)
+    out = Path(args.out)
+    path = out if out.suffix == ".safetensors" else out / f"{model}.safetensors"
+    if path.exists() and not args.overwrite:
+        raise ValueError(f"{path} exists; pass --overwrite to replace it, or another --out")
+    variables = from_torchvision(state_dict, model, num_classes=num_classes)
+    source_text = f"torchvision {descriptor.spec} {descriptor.url}" if descriptor else f"torchvision state_dict {os.path.basename(source)}"
+    save_weights(
+        path, variables, model, num_classes=num_classes, source=source_text,
+        preprocessing=descriptor.preprocessing if descriptor else None, overwrite=args.overwrite,
+    )
+    print(f"{model}: {count_params(variables):,d} parameters from {source}")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if descriptor:
+        p = descriptor.preprocessing
+        print(f"published ImageNet-1K top-1 {descriptor.top1:.3f}%, top-5 {descriptor.top5:.3f}% with resize "
+              f"{p.resize_size}, center crop {p.crop_size}, mean {p.mean}, std {p.std}")
+    if args.verify:
+        from jaxres.weights.parity import logit_difference
+
+        diff = logit_difference(model, state_dict, variables)
+        print(f"verified against torchvision on a random 1x3x224x224 input: max |logit difference| "
+              f"{diff['max_abs_diff']:.3g} (logit scale {diff['logit_scale']:.3g})")
+    print(f'load with: model, variables = jaxres.pretrained("{model}", "{path}")')
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert published weights (torchvision VGG/ResNet) to a jaxres weights file",
+        description="Convert a torchvision VGG/ResNet state_dict (.pth needs torch; .safetensors does not) "
+        "into a jaxres weights file (safetensors with a checksum; see jaxres/weights/io.py).",
+    )
+    parser.add_argument("source_format", choices=["torchvision"], help="where the weights come from")
+    parser.add_argument("--model", help="registry name (default: recognized from the file): "
+                        + ", ".join(convertible_models()))
+    parser.add_argument("--from", dest="source", metavar="FILE", help="a torchvision state_dict: .pth, .pt or .safetensors")
+    parser.add_argument("--weights", metavar="TAG", help="torchvision's published weights from its cache or "
+                        "download: IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (needs torch)")
+    parser.add_argument("--out", required=True, help="output directory (writes MODEL.safetensors) or a .safetensors path")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--verify", action="store_true", help="compare logits with torchvision's model (needs torch)")
+    parser.set_defaults(func=run)

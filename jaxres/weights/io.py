@@ -1,0 +1,198 @@
+"""The jaxres weights file: one safetensors file with a checksum and what model it is for.
+
+Format (version 1), documented so that any safetensors reader can use it:
+
+- tensors: every leaf of the Flax variables, named by its path joined with "/", e.g.
+  `params/stem/conv1/kernel` (HWIO), `params/head/fc/kernel` (in, out),
+  `batch_stats/unit_1/norm1/mean`; arrays in the model's layout (NHWC models) and dtype.
+- metadata (safetensors' string -> string header):
+  `format` = "jaxres.weights", `format_version` = "1", `model` = registry name,
+  `num_classes`, `source` (free text: where the weights came from), `preprocessing` (JSON of
+  `descriptors.Preprocessing`, or "" when unknown), `jaxres_version`, and `sha256`: the
+  SHA-256 of the tensors in sorted name order, each hashed as its name, dtype, shape and
+  C-order bytes (see `tensors_sha256`). safetensors validates the header and offsets but not
+  the bytes; the checksum catches a damaged or edited file.
+
+Loading checks the format, the checksum, the model name, and every shape and dtype against
+the model's own variables, and reports all mismatches at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+FORMAT = "jaxres.weights"
+FORMAT_VERSION = "1"
+SUFFIX = ".safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsInfo:
+    """The metadata of a jaxres weights file."""
+
+    path: str
+    model: str
+    num_classes: int
+    source: str
+    preprocessing: dict | None  # the Preprocessing fields, or None when unknown
+    sha256: str
+    format_version: str
+    jaxres_version: str
+
+
+def tensors_sha256(flat: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the tensors in sorted name order: name, dtype, shape, C-order bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(flat):
+        array = np.ascontiguousarray(flat[name])
+        digest.update(f"{name}\0{array.dtype.name}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _flatten(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(
+            f"variables must be a Flax variables dict with a 'params' collection, got {type(variables).__name__}"
+        )
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    return {name: np.asarray(jax.device_get(value)) for name, value in flat.items()}
+
+
+def save_weights(
+    path: str | os.PathLike,
+    variables: Mapping[str, Any],
+    model: str,
+    *,
+    num_classes: int,
+    source: str = "",
+    preprocessing: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes `variables` (the Flax dict of `model`) as a jaxres weights file; returns the path.
+
+    `preprocessing`: a `descriptors.Preprocessing` (or a dict of its fields) recorded for users.
+    Never replaces an existing file unless `overwrite`; writes to a temporary name first and
+    renames, so an interrupted save leaves no half-written file under `path`.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        raise ValueError(f"jaxres weights files end in {SUFFIX}; got {str(path)!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it, or another path")
+    if dataclasses.is_dataclass(preprocessing):
+        preprocessing = dataclasses.asdict(preprocessing)
+    flat = _flatten(variables)
+    from jaxres import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": str(model),
+        "num_classes": str(int(num_classes)),
+        "source": source,
+        "preprocessing": json.dumps(preprocessing) if preprocessing else "",
+        "jaxres_version": __version__,
+        "sha256": tensors_sha256(flat),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(flat, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    return path
+
+
+def read_weights_info(path: str | os.PathLike) -> WeightsInfo:
+    """The metadata of a jaxres weights file, without reading its tensors."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such weights file: {path}")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a jaxres weights file (no format={FORMAT!r} in its metadata); a torchvision "
+            f"state_dict converts with `jaxres convert torchvision` or jaxres.weights.from_torchvision"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has jaxres weights format version {meta.get('format_version')!r}; this jaxres reads "
+            f"version {FORMAT_VERSION}: upgrade jaxres"
+        )
+    return WeightsInfo(
+        path=path,
+        model=meta["model"],
+        num_classes=int(meta["num_classes"]),
+        source=meta.get("source", ""),
+        preprocessing=json.loads(meta["preprocessing"]) if meta.get("preprocessing") else None,
+        sha256=meta["sha256"],
+        format_version=meta["format_version"],
+        jaxres_version=meta.get("jaxres_version", ""),
+    )
+
+
+def check_variables(flat: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
+    """Raises one ValueError listing every missing, unexpected, wrong-shape or wrong-dtype leaf."""
+    problems = []
+    for name in sorted(set(expected) - set(flat)):
+        problems.append(f"missing {name}")
+    for name in sorted(set(flat) - set(expected)):
+        problems.append(f"unexpected {name}")
+    for name in sorted(set(flat) & set(expected)):
+        have, want = flat[name], expected[name]
+        if tuple(have.shape) != tuple(want.shape):
+            problems.append(f"{name} has shape {tuple(have.shape)}, the model needs {tuple(want.shape)}")
+        elif np.dtype(have.dtype) != np.dtype(want.dtype):
+            problems.append(f"{name} has dtype {np.dtype(have.dtype).name}, the model needs {np.dtype(want.dtype).name}")
+    if problems:
+        shown = "\n  ".join(problems[:15]) + (f"\n  ... and {len(problems) - 15} more" if len(problems) > 15 else "")
+        raise ValueError(f"{what}: {len(problems)} mismatch(es) with the model's variables:\n  {shown}")
+
+
+def load_weights(path: str | os.PathLike, model=None) -> tuple[dict, WeightsInfo]:
+    """Reads a jaxres weights file -> (Flax variables, WeightsInfo).
+
+    `model`: the registry name the file must be for, or a jaxres model whose variables the
+    file must match exactly (shapes and dtypes); default: the file's own model at its
+    num_classes. A wrong model, checksum, shape or dtype raises a ValueError naming each.
+    """
+    from safetensors.numpy import load_file
+
+    from jaxres.models import create_model
+    from jaxres.models.complexity import abstract_variables
+    from jaxres.models.units import UnitModel
+
+    info = read_weights_info(path)
+    if isinstance(model, str) and model != info.model:
+        raise ValueError(f"{info.path} holds {info.model} weights, not {model}; load it as {info.model!r}")
+    if model is None or isinstance(model, str):
+        model = create_model(info.model, num_classes=info.num_classes)
+    elif not isinstance(model, UnitModel):
+        raise TypeError(f"model must be a registry name or a jaxres model, got {type(model).__name__}")
+    flat = load_file(info.path)
+    if tensors_sha256(flat) != info.sha256:
+        raise ValueError(
+            f"{info.path} fails its checksum (sha256 of its tensors differs from the recorded "
+            f"{info.sha256[:12]}...): the file is damaged or was modified; convert or copy it again"
+        )
+    expected = traverse_util.flatten_dict(abstract_variables(model, 32), sep="/")
+    check_variables(flat, expected, f"{info.path} ({info.model})")
+    variables = traverse_util.unflatten_dict({name: jnp.asarray(a) for name, a in flat.items()}, sep="/")
+    return variables, info
