@@ -1,0 +1,30 @@
+"""Smoke run on the built-in `synthetic` dataset: no download, a minute on a laptop CPU.
+
+    jaxres train --config experiments/configs/synthetic.py --workdir /tmp/smoke
+
+A 3-stage ResNet with one block per stage (widths 8/16/32) on 32x32x3 class-pattern images
+with heavy noise (jaxres/data/synthetic.py); 300 steps of batch 64 take the loss from 2.3
+well below 1 and eval accuracy far above the 10% of chance. Used by the kill-and-resume
+tests with smaller num_steps.
+"""
+
+from jaxres.train.config import base_config
+
+
+def get_config(arg: str = ""):
+    del arg
+    c = base_config()
+    c.model = "ResNet"
+    c.model_overrides = {"stage_sizes": (1, 1, 1), "widths": (8, 16, 32), "stem": "cifar", "shortcut": "A"}
+    c.dataset = "synthetic"
+    c.batch_size = 64
+    c.eval_batch_size = 100
+    c.num_steps = 300
+    c.learning_rate = 0.1
+    c.weight_decay = 1e-4
+    c.schedule = "piecewise"
+    c.lr_boundaries = {"200": 0.1}
+    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 50
+    c.log_every_steps = 25
+    return c

@@ -1,0 +1,67 @@
+"""`jaxres train --config PATH[:ARG] --workdir DIR [--config.FIELD=VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.FIELD=VALUE` / `--config.FIELD VALUE` items from the rest."""
+    overrides, rest, items = [], [], list(args)
+    while items:
+        item = items.pop(0)
+        if item.startswith("--config."):
+            overrides.append(item)
+            if "=" not in item and items:
+                overrides.append(items.pop(0))
+        else:
+            rest.append(item)
+    return overrides, rest
+
+
+def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """Lets `parser` take absl-style `--config.FIELD=VALUE` items into `args.overrides`
+    (argparse cannot declare options with free names)."""
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        overrides, rest = split_overrides(sys.argv[1:] if args is None else args)
+        namespace, extra = parse_known(rest, namespace)
+        namespace.overrides = overrides
+        return namespace, extra
+
+    parser.parse_known_args = parse_known_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model from an experiments/configs recipe (resumes from the workdir)",
+        description="Train with a config recipe. Rerunning the same command resumes from the latest complete "
+                    "checkpoint in --workdir; SIGTERM saves a checkpoint and exits. Metrics go to "
+                    "WORKDIR/metrics.jsonl and WORKDIR/tensorboard.",
+        epilog="example: jaxres train --config experiments/configs/cifar10.py:resnet20 --workdir runs/r20 "
+               "--config.num_steps=1000",
+    )
+    parser.add_argument("--config", required=True, metavar="PATH[:ARG]",
+                        help="config file and its argument, e.g. experiments/configs/cifar10.py:resnet56")
+    parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and TensorBoard logs")
+    accept_config_overrides(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from jaxres.train import NonFiniteLossError, apply_overrides, load_config, train_and_evaluate
+
+    config = apply_overrides(load_config(args.config), args.overrides)
+    try:
+        summary = train_and_evaluate(config, args.workdir)
+    except NonFiniteLossError as err:
+        print(f"jaxres train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jaxres train: interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0 if summary["step"] >= config.num_steps or summary["stopped"] else 1

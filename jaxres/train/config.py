@@ -1,0 +1,121 @@
+"""Run configurations: `ml_collections.ConfigDict`s built by `get_config()` functions in
+`experiments/configs/*.py`, loaded from `PATH[:ARG]` and overridden from the command line
+with `--config.FIELD=VALUE` (as absl's config_flags, without absl)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+from jaxres.models.layers import closest_names
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, with defaults; recipes override some of them."""
+    c = ml_collections.ConfigDict()
+    c.model = "cifar_resnet20"  # a registry name (jaxres models)
+    c.model_overrides = ml_collections.ConfigDict()  # model dataclass fields, e.g. {"dropout": 0.5}
+    c.dataset = "cifar10"  # see jaxres.data.DATASETS
+    c.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.train_split = ""  # "" = the dataset's default
+    c.eval_split = ""
+    c.augment = ""  # "" = the dataset's paper augmentation ("cifar", "imagenet", "mnist", "none")
+    c.batch_size = 128  # global batch (all hosts)
+    c.eval_batch_size = 500
+    c.num_steps = 64000
+    c.seed = 0
+    # Optimizer: SGD with momentum and L2 weight decay (He et al. 2015).
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.weight_decay_exclude_bn_and_bias = False
+    c.label_smoothing = 0.0
+    c.schedule = "piecewise"  # "piecewise" | "step" | "cosine" | "constant"
+    c.lr_boundaries = ml_collections.ConfigDict({"32000": 0.1, "48000": 0.1})  # iteration -> factor
+    c.decay_every_epochs = 30.0  # schedule="step"
+    c.decay_factor = 0.1
+    c.warmup_steps = 0  # schedule="cosine"
+    # Bookkeeping.
+    c.log_every_steps = 100
+    c.eval_every_steps = 2000  # also at the end; 0 = only at the end
+    c.checkpoint_every_steps = 1000  # also at the end and on SIGTERM
+    c.keep_checkpoints = 3
+    c.num_data_threads = 2
+    c.progress_bar = True
+    return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Runs `get_config(ARG)` (or `get_config()`) from the file in `PATH[:ARG]`."""
+    path, _, arg = str(spec).partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist (e.g. experiments/configs/cifar10.py:resnet20)")
+    module_spec = importlib.util.spec_from_file_location(f"jaxres_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_value(text: str):
+    """A Python literal when the text is one (3, 0.1, True, (1, 2), {"a": 1}), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Applies `--config.a.b=VALUE` (or `--config.a.b VALUE`) items to `config` in place."""
+    items = list(overrides)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--config."):
+            raise ValueError(f"unexpected argument {item!r}; overrides look like --config.num_steps=1000")
+        key, eq, value = item[len("--config."):].partition("=")
+        if not eq:
+            if not items:
+                raise ValueError(f"{item} needs a value: {item}=VALUE")
+            value = items.pop(0)
+        set_field(config, key, parse_value(value))
+    return config
+
+
+# Sub-dicts whose keys are free (model fields, schedule boundaries): new keys are allowed.
+FREE_FORM = {("model_overrides",), ("lr_boundaries",)}
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    if leaf not in node and tuple(parents) not in FREE_FORM:
+        raise ValueError(f"config has no field {dotted!r}{closest_names(leaf, node.keys())}")
+    current = node.get(leaf)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        value = str(value)
+    if isinstance(value, dict):
+        value = ml_collections.ConfigDict(value)
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        raise TypeError(f"--config.{dotted}: {err}") from None
+
+
+def to_json(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-safe dict of the config (stored in every checkpoint)."""
+    return json.loads(config.to_json())
+
+
+def from_json(data: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(data)

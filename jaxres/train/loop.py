@@ -1,0 +1,302 @@
+"""`train_and_evaluate(config, workdir)`: the training loop around the pure step functions.
+
+It builds data -> model -> state from the config, resumes from the newest readable
+checkpoint in `workdir`, runs `train_step` under `jax.jit`, evaluates on the full split,
+logs metrics, and checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM.
+The state after step k depends only on (config, k): a run killed at any moment and
+restarted with the same command ends bitwise identical (on CPU) to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxres import data, models
+from jaxres.train import config as config_lib
+from jaxres.train.checkpoint import Checkpoints
+from jaxres.train.metrics import MetricsWriter, summary_table
+from jaxres.train.optim import make_optimizer, make_schedule
+from jaxres.train.state import TrainState, checkpoint_tree, create_train_state
+from jaxres.train.step import eval_step, train_step
+
+# Fields that do not change the trajectory: a resumed run may change them.
+BOOKKEEPING = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+               "num_data_threads", "progress_bar", "num_steps", "data_dir", "eval_batch_size", "eval_split"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def build_model(config, spec: data.DatasetSpec):
+    """The registry entry `config.model`, or the class `ResNet`/`VGG` built from
+    `config.model_overrides` alone, sized for the dataset's classes and channels."""
+    overrides = dict(config.model_overrides.to_dict()) if config.model_overrides else {}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    overrides.setdefault("in_channels", spec.channels)
+    overrides.setdefault("num_classes", spec.num_classes)
+    classes = {"ResNet": models.ResNet, "VGG": models.VGG}
+    if config.model in classes:
+        return classes[config.model](**overrides)
+    return models.create_model(config.model, **overrides)
+
+
+class Run:
+    """Everything derived from a config: data sources, model, optimizer, initial state."""
+
+    def __init__(self, config, *, need_train: bool = True):
+        self.config = config
+        self.spec = data.dataset_spec(config.dataset)
+        self.data_dir = config.data_dir or data.default_data_dir()
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        if config.batch_size < 1 or config.batch_size % self.process_count:
+            raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of the "
+                             f"{self.process_count} host(s)")
+        if config.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {config.num_steps}")
+        augment = config.augment or self.spec.augment
+        stats = (self.spec.image_size, self.spec.mean, self.spec.std)
+        self.train_transform = data.train_transform(augment, *stats)
+        self.eval_transform = data.eval_transform(augment, *stats)
+        self.train_source = (data.load_source(config.dataset, config.train_split or self.spec.train_split,
+                                              self.data_dir, seed=config.seed) if need_train else None)
+        self.eval_source = data.load_source(config.dataset, config.eval_split or self.spec.eval_split,
+                                            self.data_dir, seed=config.seed)
+        num_train = len(self.train_source) if need_train else config.batch_size
+        self.steps_per_epoch = max(1, num_train // config.batch_size)
+        self.model = build_model(config, self.spec)
+        self.schedule = make_schedule(config, self.steps_per_epoch)
+        tx = make_optimizer(self.schedule, momentum=config.momentum, nesterov=config.nesterov,
+                            weight_decay=config.weight_decay,
+                            exclude_bn_and_bias=config.weight_decay_exclude_bn_and_bias)
+        shape = (1, self.spec.image_size, self.spec.image_size, self.spec.channels)
+        self.state = create_train_state(self.model, tx, jax.random.PRNGKey(config.seed), shape)
+        self.eval_fn = jax.jit(eval_step)
+
+    def train_batches(self):
+        ds = data.train_dataset(self.train_source, batch_size=self.config.batch_size // self.process_count,
+                                seed=self.config.seed, transform=self.train_transform,
+                                process_index=self.process_index, process_count=self.process_count)
+        return data.train_iterator(ds, num_threads=self.config.num_data_threads)
+
+    def evaluate(self, state: TrainState) -> dict:
+        """Loss and accuracy over every example of the eval split (padded, masked batches)."""
+        totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        for batch in data.eval_batches(self.eval_source, batch_size=self.config.eval_batch_size,
+                                       transform=self.eval_transform, process_index=self.process_index,
+                                       process_count=self.process_count,
+                                       num_threads=self.config.num_data_threads):
+            sums = jax.device_get(self.eval_fn(state, batch))
+            for k in totals:
+                totals[k] += float(sums[k])
+        count = totals["count"]
+        return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count, "count": count}
+
+
+def check_resumable(saved: dict, config, workdir) -> None:
+    """Refuses to continue a run whose trajectory-defining fields differ from `config`."""
+    now = config_lib.to_json(config)
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(saved))
+             if k not in BOOKKEEPING and saved.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume with the "
+                         f"same config or choose a new --workdir")
+
+
+class StopSignal:
+    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train_and_evaluate(config, workdir, *, report=print) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns a summary
+    dict: final step, last train metrics, final and best eval metrics, wall time, stopped
+    (True after SIGTERM). Raises NonFiniteLossError on a NaN/inf loss."""
+    t0 = time.time()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = Run(config)
+    state = run.state
+    batches = run.train_batches()
+    ckpts = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+    best = Checkpoints(workdir / "best", keep=1)
+    config_json = config_lib.to_json(config)
+    restored = ckpts.restore_latest_good(checkpoint_tree(state), report=report)
+    if restored is not None:
+        step0, tree, data_state, saved_config, _ = restored
+        check_resumable(saved_config, config, workdir)
+        state = state.replace(**tree)
+        batches.set_state(data_state)
+        report(f"resumed from checkpoint {step0} in {ckpts.directory}")
+    best_meta = best.restore_latest_good(checkpoint_tree(state), report=report) if best.steps() else None
+    best_eval = dict(best_meta[4].get("eval", {}), step=best_meta[0]) if best_meta else None
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    writer = MetricsWriter(workdir) if run.process_index == 0 else None
+    step = int(state.step)
+    if writer and restored is not None:
+        writer.event(step, "resumed")
+
+    step_fn = jax.jit(functools.partial(train_step, label_smoothing=config.label_smoothing),
+                      donate_argnums=() if jax.default_backend() == "cpu" else (0,))
+    pending, last_train, last_eval, stopped = [], {}, None, False
+    window_start, window_steps = time.time(), 0
+
+    def flush():
+        """Checks the pending steps' losses, then logs their means (one host sync)."""
+        nonlocal pending, last_train, window_start, window_steps
+        if not pending:
+            return
+        values = jax.device_get(pending)
+        first = step - len(values) + 1
+        for offset, m in enumerate(values):
+            if not np.isfinite(m["loss"]):
+                good = ckpts.latest_step()
+                where = f"checkpoint {good} in {ckpts.directory} (intact)" if good is not None else "none saved yet"
+                raise NonFiniteLossError(
+                    f"loss is {float(m['loss'])} at step {first + offset}; training stopped. Last good checkpoint: "
+                    f"{where}. Lower the learning rate or check the data, then rerun to resume from it.")
+        elapsed = time.time() - window_start
+        last_train = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+        last_train["learning_rate"] = float(run.schedule(step - 1))
+        last_train["step_time"] = elapsed / max(window_steps, 1)
+        last_train["images_per_second"] = config.batch_size * window_steps / max(elapsed, 1e-9)
+        if writer:
+            writer.write(step, "train", last_train)
+        pending, window_start, window_steps = [], time.time(), 0
+
+    def save():
+        ckpts.save(step, checkpoint_tree(state), batches.get_state(), config_json,
+                   {"eval": last_eval} if last_eval else None)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=config.num_steps, initial=step, disable=not config.progress_bar, unit="step",
+                    dynamic_ncols=True)
+    try:
+        with StopSignal() as stop:
+            while step < config.num_steps:
+                state, metrics = step_fn(state, next(batches))
+                step += 1
+                window_steps += 1
+                pending.append(metrics)
+                progress.update(1)
+                final = step == config.num_steps
+                evaluate = final or _due(step, config.eval_every_steps)
+                checkpoint = final or stop.received or _due(step, config.checkpoint_every_steps)
+                if _due(step, config.log_every_steps) or evaluate or checkpoint:
+                    flush()
+                    progress.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
+                if evaluate:
+                    last_eval = run.evaluate(state)
+                    if writer:
+                        writer.write(step, "eval", last_eval)
+                    if best_eval is None or last_eval["accuracy"] > best_eval["accuracy"]:
+                        best_eval = dict(last_eval, step=step)
+                        best.save(step, checkpoint_tree(state), batches.get_state(), config_json,
+                                  {"eval": last_eval})
+                if checkpoint:
+                    save()
+                if stop.received:
+                    stopped = True
+                    report(f"SIGTERM: saved checkpoint {step} in {ckpts.directory}; rerun the same command to resume")
+                    if writer:
+                        writer.event(step, "stopped by SIGTERM")
+                    break
+        if last_eval is None and not stopped:  # resumed a finished run: evaluate it again
+            last_eval = run.evaluate(state)
+    finally:
+        progress.close()
+        if writer:
+            writer.close()
+        ckpts.close()
+        best.close()
+
+    summary = {"step": step, "train": last_train, "eval": last_eval, "best_eval": best_eval,
+               "wall_time_s": time.time() - t0, "stopped": stopped, "workdir": str(workdir)}
+    report(format_summary(config, summary))
+    return summary
+
+
+def format_summary(config, summary: dict) -> str:
+    def pct(m):
+        return f"{100 * m['accuracy']:.2f}% ({int(m['count'])} examples)" if m else "-"
+
+    rows = [("model", config.model), ("dataset", config.dataset),
+            ("steps", f"{summary['step']} / {config.num_steps}" + (" (stopped by SIGTERM)" if summary["stopped"] else ""))]
+    if summary["train"]:
+        rows.append(("train loss (last window)", f"{summary['train']['loss']:.4f}"))
+    if summary["eval"]:
+        rows += [("eval loss", f"{summary['eval']['loss']:.4f}"), ("eval accuracy", pct(summary["eval"]))]
+    if summary["best_eval"]:
+        rows.append(("best eval accuracy", f"{pct(summary['best_eval'])} at step {summary['best_eval']['step']}"))
+    rows += [("wall time", f"{summary['wall_time_s']:.1f} s"), ("workdir", summary["workdir"])]
+    return summary_table(rows)
+
+
+def evaluate_workdir(workdir, *, checkpoint: str = "latest", split: str = "", data_dir: str = "",
+                     report=print) -> dict:
+    """Evaluates a checkpoint of a run (`latest`, `best` or a step number) on its eval split
+    (or `split`), with the config stored in that checkpoint."""
+    workdir = Path(workdir)
+    kind = "best" if checkpoint == "best" else "checkpoints"
+    ckpts = Checkpoints(workdir / kind, keep=1 if kind == "best" else 10**6)
+    try:
+        steps = ckpts.steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir / kind} holds no checkpoint; train first with `jaxres train`")
+        if checkpoint in ("latest", "best"):
+            wanted = steps[-1]
+        else:
+            if not str(checkpoint).isdigit() or int(checkpoint) not in steps:
+                raise ValueError(f"no checkpoint {checkpoint!r} in {workdir / kind}; available: {steps}")
+            wanted = int(checkpoint)
+        config = config_lib.from_json(_read_config(ckpts, wanted))
+        if split:
+            config.eval_split = split
+        if data_dir:
+            config.data_dir = data_dir
+        run = Run(config, need_train=False)
+        tree = ckpts.restore(wanted, checkpoint_tree(run.state))[0]
+    finally:
+        ckpts.close()
+    result = run.evaluate(run.state.replace(**tree))
+    report(summary_table([("checkpoint", f"{kind}/{wanted}"), ("model", config.model),
+                          ("split", f"{config.dataset}:{config.eval_split or run.spec.eval_split}"),
+                          ("loss", f"{result['loss']:.4f}"),
+                          ("accuracy", f"{100 * result['accuracy']:.2f}% ({int(result['count'])} examples)")]))
+    return dict(result, step=wanted)
+
+
+def _read_config(ckpts: Checkpoints, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ckpts.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

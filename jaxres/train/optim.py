@@ -1,0 +1,84 @@
+"""Learning-rate schedules, L2 weight decay and the SGD optimizer of the papers.
+
+Schedules are functions of optax's update count c = the number of updates already applied
+(c = 0 for the first iteration); "divide by 10 at 32k iterations" means c >= 32000 uses the
+smaller rate, i.e. iterations 32001 on (1-based).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxres.models.layers import pick
+
+
+def piecewise_constant(base_lr: float, boundaries: Mapping[int, float]) -> optax.Schedule:
+    """lr(c) = base_lr * product of scales[b] over boundaries b <= c.
+
+    He et al. 2015, section 4.2 (CIFAR): base 0.1, {32000: 0.1, 48000: 0.1}; ResNet-110
+    warms up at 0.01 until 400 iterations: base 0.01, {400: 10, 32000: 0.1, 48000: 0.1}.
+    (optax.piecewise_constant_schedule switches one step later: it tests b < c.)
+    """
+    items = sorted((int(b), float(s)) for b, s in dict(boundaries).items())
+    if any(b < 0 for b, _ in items):
+        raise ValueError(f"schedule boundaries must be non-negative iterations, got {[b for b, _ in items]}")
+    bounds = jnp.array([b for b, _ in items] or [0], jnp.int32)
+    factors = jnp.cumprod(jnp.array([1.0] + [s for _, s in items], jnp.float32))
+
+    def schedule(count):
+        passed = jnp.sum(jnp.asarray(count) >= bounds) if items else 0
+        return base_lr * factors[passed]
+
+    return schedule
+
+
+def step_decay(base_lr: float, every_steps: int, factor: float = 0.1) -> optax.Schedule:
+    """lr(c) = base_lr * factor ** (c // every_steps): ImageNet's /10 every 30 epochs."""
+    if every_steps < 1:
+        raise ValueError(f"step decay period must be >= 1 step, got {every_steps}")
+    return lambda count: base_lr * factor ** (jnp.asarray(count) // every_steps)
+
+
+def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0 to base_lr over `warmup_steps`, then cosine decay to `end_lr` at
+    `total_steps` (Goyal et al. 2017 warm-up; Loshchilov & Hutter 2017 cosine)."""
+    return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps, max(total_steps, warmup_steps + 1), end_lr)
+
+
+def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """The schedule named by `config.schedule`: "piecewise" (boundaries in iterations),
+    "step" (decay every `decay_every_epochs` epochs), "cosine", or "constant"."""
+    kind = config.schedule
+    pick("learning-rate schedule", kind, dict.fromkeys(("piecewise", "step", "cosine", "constant")))
+    if kind == "piecewise":
+        return piecewise_constant(config.learning_rate, {int(k): v for k, v in config.lr_boundaries.items()})
+    if kind == "step":
+        return step_decay(config.learning_rate, int(config.decay_every_epochs * steps_per_epoch), config.decay_factor)
+    if kind == "cosine":
+        return warmup_cosine(config.learning_rate, config.warmup_steps, config.num_steps)
+    return optax.constant_schedule(config.learning_rate)
+
+
+def decay_mask(params, exclude_bn_and_bias: bool):
+    """True for the leaves L2 weight decay applies to: all of them (the papers; Caffe decays
+    every parameter), or only conv/dense kernels when `exclude_bn_and_bias`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not exclude_bn_and_bias or getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def make_optimizer(schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,
+                   weight_decay: float = 0.0, exclude_bn_and_bias: bool = False) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay: g <- g + wd * w (on the masked leaves), then
+    m <- g + momentum * m, w <- w - lr * m (torch.optim.SGD, dampening 0). Adding wd * w to
+    the gradient is exactly the gradient of (wd / 2) * ||w||^2 in the loss."""
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=lambda p: decay_mask(p, exclude_bn_and_bias)),
+        optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
+    )

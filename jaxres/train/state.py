@@ -1,0 +1,55 @@
+"""The training state: everything a step reads and writes, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, opt_state; static apply_fn, tx) plus:
+
+    - `batch_stats`: BatchNorm running statistics ({} for normalization-free nets);
+    - `rng`: the run's base PRNG key (uint32 (2,)); step k uses fold_in(rng, k), so no RNG
+      state evolves and a resumed run draws the same dropout masks;
+    - `model`: the Flax module (static), so the step can re-bind BatchNorm to a mapped axis.
+    """
+
+    batch_stats: Any = None
+    rng: jax.Array = None
+    model: Any = struct.field(pytree_node=False, default=None)
+
+    def variables(self) -> dict:
+        """The `variables` dict for `model.apply`."""
+        return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
+
+
+def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+                       input_shape: tuple[int, ...]) -> TrainState:
+    """Initializes `model` on a zero batch of `input_shape` (N, H, W, C) and wraps it with
+    the optimizer `tx`. `rng` (a raw uint32 key) seeds the parameters and, folded, dropout."""
+    init_rng, run_rng = jax.random.split(rng)
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros(input_shape, jnp.float32), False))(init_rng)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+        rng=run_rng,
+        model=model,
+    ).replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it exactly
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+    """The arrays a checkpoint holds (static fields are rebuilt from the config)."""
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "rng": state.rng}
+
+
+def from_checkpoint_tree(state: TrainState, tree: dict) -> TrainState:
+    return state.replace(**tree)
