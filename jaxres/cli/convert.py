@@ -15,7 +15,7 @@ from pathlib import Path
 from jaxres.models.complexity import count_params
 from jaxres.weights.descriptors import TORCHVISION_WEIGHTS, torchvision_weights
 from jaxres.weights.io import save_weights
-from jaxres.weights.pretrained import fetch_torchvision_file
+from jaxres.weights.loading import fetch_torchvision_file
 from jaxres.weights.torchvision import (
     convertible_models,
     from_torchvision,

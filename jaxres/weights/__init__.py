@@ -12,7 +12,7 @@ from jaxres.weights.descriptors import (
     torchvision_weights,
 )
 from jaxres.weights.io import WeightsInfo, load_weights, read_weights_info, save_weights
-from jaxres.weights.pretrained import (
+from jaxres.weights.loading import (
     WeightsUnavailableError,
     fetch_torchvision_file,
     load_pretrained,

@@ -163,7 +163,11 @@ def check_variables(flat: Mapping[str, Any], expected: Mapping[str, Any], what: 
             problems.append(f"{name} has dtype {np.dtype(have.dtype).name}, the model needs {np.dtype(want.dtype).name}")
     if problems:
         shown = "\n  ".join(problems[:15]) + (f"\n  ... and {len(problems) - 15} more" if len(problems) > 15 else "")
-        raise ValueError(f"{what}: {len(problems)} mismatch(es) with the model's variables:\n  {shown}")
+        hint = ""
+        if any("has dtype" in p for p in problems):
+            hint = ("\n  to change dtypes, load into a model with the file's dtypes and cast: "
+                    "jax.tree.map(lambda a: a.astype(dtype), variables)")
+        raise ValueError(f"{what}: {len(problems)} mismatch(es) with the model's variables:\n  {shown}{hint}")
 
 
 def load_weights(path: str | os.PathLike, model=None) -> tuple[dict, WeightsInfo]:

@@ -327,6 +327,7 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], model: str | UnitMode
 
     steps: dict[str, Step] = {}
     missing, unexpected, wrong_shape = [], [], []
+    misfits = set()  # variables reported under "wrong shape", not again under "missing"
     weights_classes = None  # set when the weights' last layer has another number of classes
     for key, shape in shapes.items():
         shape = tuple(shape)
@@ -353,12 +354,13 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], model: str | UnitMode
             continue
         if shape != torch_shape:
             wrong_shape.append(f"{key} is {shape}, {'/'.join(flax_key)} needs {torch_shape}{transform.layout}")
+            misfits.add(flax_key)
             continue
         steps[key] = Step(flax_key, transform, tuple(want.shape), want.dtype)
 
     converted = {step.flax_key for step in steps.values()}
     fresh = {k for k in expected if k[1:-1] == head} if weights_classes else set()
-    missing = ["/".join(k) for k in expected if k not in converted and k not in fresh]
+    missing = ["/".join(k) for k in expected if k not in converted | fresh | misfits]
     if missing or unexpected or wrong_shape:
         raise ConversionError(_report(name, missing, unexpected, wrong_shape, identify(shapes)))
     return Plan(steps, layout.channels, head if weights_classes else None, weights_classes)
@@ -383,11 +385,11 @@ def from_torchvision(
     Raises `ConversionError` listing every missing, unexpected and wrong-shape tensor.
     """
     model, name = _resolve_model(model, num_classes)
-    state_dict = unwrap_state_dict(state_dict)
-    plan = plan_conversion({k: _shape(v) for k, v in state_dict.items()}, model)
+    tensors = {key: to_numpy(value) for key, value in unwrap_state_dict(state_dict).items()}  # views, no copies
+    plan = plan_conversion({key: array.shape for key, array in tensors.items()}, model)
     converted = {}
     for key, step in plan.steps.items():
-        source = to_numpy(state_dict[key])
+        source = tensors[key]
         array = np.ascontiguousarray(step.transform.apply(source, step.shape, plan.channels), dtype=step.dtype)
         if np.may_share_memory(array, source):
             # tensor.numpy() shares torch's memory and device_put on CPU may share numpy's: without
