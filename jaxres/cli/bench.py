@@ -1,0 +1,88 @@
+"""`jaxres bench`: training-step speed, MFU, and PyTorch side by side, as a table and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from jaxres.bench.train_step import DTYPES, bench_train_step
+from jaxres.models import model_card
+from jaxres.parallel import DRIVERS
+
+
+def format_rows(rows) -> str:
+    header = (f"{'model':<18} {'fw':<6} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
+              f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'torch/jax':>9}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        fw = "jax" if r["framework"] == "jax" else "torch"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        tflops = f"{r['model_tflops_per_s']:.3f}" if "model_tflops_per_s" in r else "-"
+        ratio = f"{r['torch_over_jax']:.2f}x" if "torch_over_jax" in r else ""
+        lines.append(f"{r['model']:<18} {fw:<6} {r['batch_size']:>5} {r['dtype']:<8} {r.get('driver', '-'):<7} "
+                     f"{compile_s:>9} {1e3 * r['step_s']:>9.1f} {r['images_per_s']:>9.1f} {tflops:>8} {mfu:>6} {ratio:>9}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    rows = []
+    for name in args.models:
+        model_card(name)  # unknown names fail before anything compiles
+    for name in args.models:
+        row = bench_train_step(name, batch_size=args.batch_size, dtype=args.dtype, driver=args.driver,
+                               steps=args.steps, warmup=args.warmup, input_size=args.input_size,
+                               peak_tflops=args.peak_tflops)
+        rows.append(row)
+        if args.torch:
+            from jaxres.bench.torch_reference import bench_torch_train_step
+
+            ref = bench_torch_train_step(name, batch_size=args.batch_size, input_size=row["input_size"],
+                                         num_classes=model_card(name).num_classes, steps=args.steps,
+                                         warmup=args.warmup, dtype=args.dtype)
+            ref["torch_over_jax"] = ref["step_s"] / row["step_s"]
+            rows.append(ref)
+    if args.pipeline:
+        from jaxres.bench.pipeline import bench_pipeline
+
+        rows.append(bench_pipeline(args.pipeline, batch_size=args.batch_size, steps=args.steps,
+                                   data_dir=args.data_dir))
+    print(format_rows([r for r in rows if "step_s" in r]))
+    for r in rows:
+        if "pipeline" in r:
+            print(f"input pipeline {r['pipeline']}: {r['images_per_s']:.0f} images/s "
+                  f"(batch {r['batch_size']}, {r['steps']} batches)")
+    text = json.dumps(rows, indent=1)
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+            f.write(text)
+        os.replace(f.name, args.json)
+        print(f"wrote {args.json}")
+    else:
+        print(text)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time a training step: compile, step time, images/s, MFU (optionally vs PyTorch)",
+        description="Times jaxres's training step (SGD momentum, cross-entropy, train-mode BN) on a fixed "
+        "synthetic batch: compile time, median synchronized step time after warm-up, images/s and "
+        "model-FLOPs utilization (6 x MACs x batch per step over the device's peak).",
+    )
+    parser.add_argument("models", nargs="+", help="registry names, e.g. cifar_resnet20 resnet50")
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (params stay float32)")
+    parser.add_argument("--driver", choices=DRIVERS, default="single", help="parallel driver (default single)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
+    parser.add_argument("--input-size", type=int, help="square input side (default: the model's)")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU, overriding the built-in table")
+    parser.add_argument("--torch", action="store_true", help="also time the same step in PyTorch/torchvision")
+    parser.add_argument("--pipeline", metavar="DATASET", help="also time the host input pipeline alone")
+    parser.add_argument("--data-dir", help="TFDS data dir for --pipeline")
+    parser.add_argument("--json", metavar="PATH", help="write the JSON rows here instead of stdout")
+    parser.set_defaults(func=run)
