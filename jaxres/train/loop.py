@@ -133,6 +133,13 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -179,11 +186,7 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
         first = step - len(values) + 1
         for offset, m in enumerate(values):
             if not np.isfinite(m["loss"]):
-                good = ckpts.latest_step()
-                where = f"checkpoint {good} in {ckpts.directory} (intact)" if good is not None else "none saved yet"
-                raise NonFiniteLossError(
-                    f"loss is {float(m['loss'])} at step {first + offset}; training stopped. Last good checkpoint: "
-                    f"{where}. Lower the learning rate or check the data, then rerun to resume from it.")
+                stop_non_finite(f"loss is {float(m['loss'])} at step {first + offset}")
         elapsed = time.time() - window_start
         last_train = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
         last_train["learning_rate"] = float(run.schedule(step - 1))
@@ -193,7 +196,16 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
             writer.write(step, "train", last_train)
         pending, window_start, window_steps = [], time.time(), 0
 
+    def stop_non_finite(what):
+        good = ckpts.latest_step()
+        where = f"checkpoint {good} in {ckpts.directory} (intact)" if good is not None else "none saved yet"
+        raise NonFiniteLossError(f"{what}; training stopped. Last good checkpoint: {where}. Lower the learning "
+                                 f"rate or check the data, then rerun to resume from it.")
+
     def save():
+        # A finite loss can still come with an overflowing update: never save such a state.
+        if not bool(all_finite(checkpoint_tree(state))):
+            stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
         ckpts.save(step, checkpoint_tree(state), batches.get_state(), config_json,
                    {"eval": last_eval} if last_eval else None)
 
@@ -221,6 +233,8 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
                         writer.write(step, "eval", last_eval)
                     if best_eval is None or last_eval["accuracy"] > best_eval["accuracy"]:
                         best_eval = dict(last_eval, step=step)
+                        if not bool(all_finite(checkpoint_tree(state))):
+                            stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
                         best.save(step, checkpoint_tree(state), batches.get_state(), config_json,
                                   {"eval": last_eval})
                 if checkpoint:

@@ -54,7 +54,7 @@ def train_step(state: TrainState, batch: dict, *, axis_name: str | None = None,
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
         metrics = lax.pmean(metrics, axis_name)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     return new_state, metrics
 

@@ -1,0 +1,106 @@
+"""Kill-and-resume with real processes: a run killed by SIGKILL at an arbitrary moment, or
+stopped by SIGTERM, and restarted with the same command ends bitwise identical (CPU) to an
+uninterrupted run with the same seed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxres.train import apply_overrides, load_config
+from jaxres.train.checkpoint import Checkpoints
+from jaxres.train.loop import Run
+from jaxres.train.state import checkpoint_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_STEPS = 60
+OVERRIDES = ["--config.model_overrides.widths=(4, 8, 16)", "--config.batch_size=32",
+             f"--config.num_steps={NUM_STEPS}", "--config.checkpoint_every_steps=5",
+             "--config.eval_every_steps=0", "--config.log_every_steps=5", "--config.progress_bar=False",
+             "--config.lr_boundaries={'30': 0.1}"]
+pytestmark = pytest.mark.slow
+
+
+def command(workdir):
+    return [sys.executable, "-c", "import sys; from jaxres.cli import main; sys.exit(main())", "train",
+            "--config", "experiments/configs/synthetic.py", "--workdir", str(workdir), *OVERRIDES]
+
+
+def start(workdir):
+    return subprocess.Popen(command(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(workdir, proc, at_least, timeout=300):
+    """Polls until a complete checkpoint >= `at_least` exists (orbax renames it into place)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def final_state(workdir):
+    config = apply_overrides(load_config(str(ROOT / "experiments/configs/synthetic.py")), list(OVERRIDES))
+    ckpts = Checkpoints(workdir / "checkpoints")
+    try:
+        assert ckpts.latest_step() == NUM_STEPS
+        tree, data_state, _, _ = ckpts.restore(NUM_STEPS, checkpoint_tree(Run(config, need_train=False).state))
+    finally:
+        ckpts.close()
+    return tree, data_state
+
+
+def assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return final_state(workdir)
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, proc, 15)
+    time.sleep(0.3)  # let it get into the next steps: the kill lands between checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it really died before finishing
+    killed_at = max(int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit())
+    assert killed_at < NUM_STEPS
+    resumed = subprocess.run(command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from checkpoint {killed_at}" in resumed.stdout
+    tree, data_state = final_state(tmp_path)
+    assert data_state == uninterrupted[1] == {"next_index": NUM_STEPS}
+    assert_bitwise_equal(tree, uninterrupted[0])
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_bitwise(uninterrupted, tmp_path):
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, proc, 10)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved checkpoint" in out
+    stopped_at = int(out.split("SIGTERM: saved checkpoint ")[1].split()[0])
+    assert stopped_at < NUM_STEPS and (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
+    resumed = subprocess.run(command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from checkpoint {stopped_at}" in resumed.stdout
+    assert_bitwise_equal(final_state(tmp_path)[0], uninterrupted[0])
