@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxres
 from jaxres.cli import main
 from jaxres.weights import WeightsUnavailableError, pretrained, read_state_dict, read_weights_info, torchvision_weights
 from jaxres.weights import loading

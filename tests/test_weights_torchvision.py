@@ -13,14 +13,8 @@ import pytest
 import jaxres
 from jaxres.models import VGG
 from jaxres.weights import ConversionError, from_torchvision, identify
-from jaxres.weights.torchvision import (
-    convertible_models,
-    plan_conversion,
-    read_state_dict,
-    state_dict_num_classes,
-    transpose_2d,
-    unwrap_state_dict,
-)
+from jaxres.weights.state_dict import read_state_dict, state_dict_num_classes, unwrap_state_dict
+from jaxres.weights.torchvision import convertible_models, plan_conversion, transpose_2d
 
 SHAPES = json.loads((pathlib.Path(__file__).parent / "data" / "torchvision_state_dict_shapes.json").read_text())
 

@@ -16,13 +16,8 @@ from jaxres.models.complexity import count_params
 from jaxres.weights.descriptors import TORCHVISION_WEIGHTS, torchvision_weights
 from jaxres.weights.io import save_weights
 from jaxres.weights.loading import fetch_torchvision_file
-from jaxres.weights.torchvision import (
-    convertible_models,
-    from_torchvision,
-    identify,
-    read_state_dict,
-    state_dict_num_classes,
-)
+from jaxres.weights.state_dict import identify, read_state_dict, state_dict_num_classes
+from jaxres.weights.torchvision import convertible_models, from_torchvision
 
 
 def _descriptor_for(model: str, source: Path):

@@ -19,7 +19,8 @@ from jaxres.weights.loading import (
     pretrained,
     torchvision_cache_path,
 )
-from jaxres.weights.torchvision import ConversionError, convertible_models, from_torchvision, identify, read_state_dict
+from jaxres.weights.state_dict import identify, read_state_dict
+from jaxres.weights.torchvision import ConversionError, convertible_models, from_torchvision
 
 __all__ = [
     "ConversionError", "Preprocessing", "WeightDescriptor", "WeightsInfo", "WeightsUnavailableError",

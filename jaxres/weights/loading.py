@@ -27,7 +27,8 @@ from jaxres.models.units import UnitModel
 from jaxres.weights.descriptors import WeightDescriptor, torchvision_weights
 from jaxres.weights.head import classifier_path, fresh_classifier
 from jaxres.weights.io import FORMAT, load_weights, read_weights_info
-from jaxres.weights.torchvision import from_torchvision, read_state_dict, state_dict_num_classes
+from jaxres.weights.state_dict import read_state_dict, state_dict_num_classes
+from jaxres.weights.torchvision import from_torchvision
 
 TORCHVISION_PREFIX = "torchvision:"
 

@@ -21,13 +21,11 @@ function: tests/test_torchvision_parity.py checks logits and every unit boundary
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import warnings
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -37,6 +35,7 @@ from jaxres.models.resnet import IMAGENET_DEPTHS
 from jaxres.models.units import UnitModel
 from jaxres.models.vgg import VGG_LAYERS
 from jaxres.weights.head import classifier_path, fresh_classifier
+from jaxres.weights.state_dict import identify, to_numpy, unwrap_state_dict
 
 FlatVariables = dict[tuple[str, ...], Any]
 
@@ -195,64 +194,6 @@ def convertible_models() -> list[str]:
     return [f"vgg{d}{bn}" for d in VGG_LAYERS for bn in ("", "_bn")] + [f"resnet{d}" for d in IMAGENET_DEPTHS]
 
 
-def to_numpy(value) -> np.ndarray:
-    """A torch tensor (without importing torch), numpy or jax array -> numpy array."""
-    if type(value).__module__.split(".")[0] == "torch":
-        tensor = value.detach().cpu()
-        if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
-            tensor = tensor.float()
-        return tensor.numpy()
-    if isinstance(value, (np.ndarray, jax.Array)):
-        return np.asarray(value)
-    raise TypeError(f"state_dict values must be torch tensors or arrays, got {type(value).__name__}")
-
-
-def unwrap_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Accepts a plain state_dict, torchvision's training checkpoint ({"model": ...}) or a
-    DistributedDataParallel one ("module." prefixes)."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), Mapping):
-            state_dict = state_dict[key]
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
-
-
-def _shape(value) -> tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
-def identify(state_dict: Mapping[str, Any]) -> str | None:
-    """The torchvision builder name (resnet50, vgg16_bn, ...) whose layout `state_dict` has
-    (values: tensors, arrays or shapes), or None."""
-    names = set(state_dict)
-    if "fc.weight" in names and "layer1.0.conv1.weight" in names:
-        blocks = []
-        for stage in range(1, 5):
-            found = [int(m.group(1)) for n in names if (m := re.fullmatch(rf"layer{stage}\.(\d+)\.conv1\.weight", n))]
-            blocks.append(max(found) + 1 if found else 0)
-        kind = "bottleneck" if "layer1.0.conv3.weight" in names else "basic"
-        for depth, (block, stages) in IMAGENET_DEPTHS.items():
-            if (block, stages) == (kind, tuple(blocks)):
-                return f"resnet{depth}"
-        return None
-    if any(n.startswith("features.") for n in names) and "classifier.0.weight" in names:
-        convs = sum(1 for n in names if re.fullmatch(r"features\.\d+\.weight", n) and len(_shape(state_dict[n])) == 4)
-        bn = any(n.endswith("running_mean") for n in names)
-        depth = convs + 3  # VGG-n has n - 3 conv layers and 3 linear layers
-        return f"vgg{depth}{'_bn' if bn else ''}" if depth in VGG_LAYERS else None
-    return None
-
-
-def state_dict_num_classes(state_dict: Mapping[str, Any]) -> int | None:
-    """Output width of the last linear layer of a torchvision VGG/ResNet state_dict (values:
-    tensors, arrays or shapes), or None."""
-    if "fc.weight" in state_dict:
-        return _shape(state_dict["fc.weight"])[0]
-    linear = [int(m.group(1)) for n in state_dict if (m := re.fullmatch(r"classifier\.(\d+)\.weight", n))]
-    return _shape(state_dict[f"classifier.{max(linear)}.weight"])[0] if linear else None
-
-
 def _resolve_model(model: str | UnitModel, num_classes: int | None) -> tuple[UnitModel, str]:
     if isinstance(model, str):
         return create_model(model, num_classes=num_classes), model
@@ -407,38 +348,3 @@ def from_torchvision(
             stacklevel=2,
         )
     return traverse_util.unflatten_dict(converted)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a torchvision state_dict: a `.pth`/`.pt` file (needs torch) or a `.safetensors`
-    file written from `model.state_dict()` (no torch needed). Returns numpy arrays."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such weights file: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="numpy") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
-        if metadata.get("format") == "jaxres.weights":
-            raise ValueError(f"{path} is already a jaxres weights file: load it with jaxres.weights.load_weights")
-        return tensors
-    if not path.endswith((".pth", ".pt", ".bin")):
-        raise ValueError(f"unknown weights file type {path!r}: expected .pth, .pt, .bin or .safetensors")
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"reading {path} needs torch (pip install 'jaxres[torch]'); or save the state_dict with "
-            f"safetensors.torch.save_file on a machine with torch and convert the .safetensors file"
-        ) from None
-    try:
-        # weights_only: never run pickled code from a downloaded file.
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle/zip/runtime errors of many kinds
-        raise ValueError(f"cannot read {path} as a torch state_dict: {err}") from None
-    return {key: to_numpy(value) for key, value in unwrap_state_dict(state_dict).items()}
