@@ -19,12 +19,28 @@ from jaxres.train.loop import Run
 from jaxres.train.state import checkpoint_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_STEPS = 60
+NUM_STEPS = 40
 OVERRIDES = ["--config.model_overrides.widths=(4, 8, 16)", "--config.batch_size=32",
              f"--config.num_steps={NUM_STEPS}", "--config.checkpoint_every_steps=5",
              "--config.eval_every_steps=0", "--config.log_every_steps=5", "--config.progress_bar=False",
-             "--config.lr_boundaries={'30': 0.1}"]
+             "--config.lr_boundaries={'20': 0.1}"]
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs share JAX's persistent compilation cache: the first process compiles, the
+    others load the same executables (identical programs, so identical results) and skip
+    most of their start-up cost."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def command(workdir):
