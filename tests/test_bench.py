@@ -48,3 +48,10 @@ def test_peak_tables():
     peak, desc = cpu_peak_flops()
     assert peak > 0 and "estimate" in desc
     assert dict(ACCELERATOR_PEAKS)["a100"]["bfloat16"] == 312e12  # NVIDIA A100 datasheet, dense
+
+
+def test_pipeline_bench_reads_real_batches():
+    from jaxres.bench.pipeline import bench_pipeline
+
+    row = bench_pipeline("synthetic", batch_size=8, steps=3)
+    assert row["images_per_s"] == pytest.approx(3 * 8 / row["seconds"])

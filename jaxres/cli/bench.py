@@ -11,10 +11,12 @@ from jaxres.models import model_card
 from jaxres.parallel import DRIVERS
 
 
-def format_rows(rows) -> str:
-    header = (f"{'model':<18} {'fw':<6} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
-              f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'torch/jax':>9}")
-    lines = [header, "-" * len(header)]
+HEADER = (f"{'model':<18} {'fw':<6} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
+          f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'torch/jax':>9}")
+
+
+def format_rows(rows, header: bool = True) -> str:
+    lines = [HEADER, "-" * len(HEADER)] if header else []
     for r in rows:
         fw = "jax" if r["framework"] == "jax" else "torch"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
@@ -30,6 +32,7 @@ def run(args) -> int:
     rows = []
     for name in args.models:
         model_card(name)  # unknown names fail before anything compiles
+    print(format_rows([]), flush=True)
     for name in args.models:
         row = bench_train_step(name, batch_size=args.batch_size, dtype=args.dtype, driver=args.driver,
                                steps=args.steps, warmup=args.warmup, input_size=args.input_size,
@@ -43,12 +46,12 @@ def run(args) -> int:
                                          warmup=args.warmup, dtype=args.dtype)
             ref["torch_over_jax"] = ref["step_s"] / row["step_s"]
             rows.append(ref)
+        print(format_rows(rows[-1 - args.torch:], header=False), flush=True)
     if args.pipeline:
         from jaxres.bench.pipeline import bench_pipeline
 
         rows.append(bench_pipeline(args.pipeline, batch_size=args.batch_size, steps=args.steps,
                                    data_dir=args.data_dir))
-    print(format_rows([r for r in rows if "step_s" in r]))
     for r in rows:
         if "pipeline" in r:
             print(f"input pipeline {r['pipeline']}: {r['images_per_s']:.0f} images/s "
