@@ -169,4 +169,4 @@ class SegmentCache:
 
 def find_segment(segments: list[Segment], name: str) -> Segment:
     names = [s.name for s in segments]
-    return segments[names.index(pick("unit", name, dict.fromkeys(names)))]
+    return segments[pick("unit", name, {n: i for i, n in enumerate(names)})]

@@ -1,0 +1,182 @@
+"""Every exact quantity of jaxres.analysis against brute-force jax.jacrev / jax.grad.
+
+Tolerance: float32 throughout; results agree to rtol 1e-4 (sums of up to ~1e4 squared
+float32 terms; observed agreement ~1e-6).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxres.analysis import estimators, unit_jacobian
+from jaxres.analysis.endtoend import end_to_end_norms, end_to_end_norms_whole
+from jaxres.analysis.forward_stats import forward_statistics
+from jaxres.analysis.segments import SegmentCache, find_segment
+from jaxres.models import ResNet
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-stage CIFAR-style ResNet (unit_2 downsamples with option A), 6x6 inputs, batch 3."""
+    model = ResNet(stage_sizes=(1, 1), widths=(4, 6), stem="cifar", shortcut="A", num_classes=5)
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 3))
+    variables = model.init(jax.random.key(1), x)
+    # non-trivial running statistics, so bn="eval" differs from the identity
+    variables = {**variables, "batch_stats": jax.tree.map(
+        lambda s: s + 0.3 * jax.random.uniform(jax.random.key(2), s.shape), variables["batch_stats"])}
+    labels = jnp.array([0, 3, 4])
+    return model, variables, x, labels
+
+
+@pytest.fixture(scope="module")
+def e2e(tiny):
+    model, variables, x, labels = tiny
+    cache = SegmentCache()
+    return {bn: end_to_end_norms(model, variables, x, labels, bn=bn, cache=cache, return_activations=True)
+            for bn in ("eval", "batch")}
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch"])
+def test_segmented_chain_equals_one_whole_model_vjp(tiny, e2e, bn):
+    model, variables, x, labels = tiny
+    whole = end_to_end_norms_whole(model, variables, x, labels, bn=bn)
+    for unit, entry in whole["units"].items():
+        for key in ("logit_jac", "loss_grad"):
+            np.testing.assert_allclose(e2e[bn]["units"][unit]["input"][key], entry["input"][key], rtol=RTOL)
+            for probe, value in entry["probes"].items():
+                np.testing.assert_allclose(e2e[bn]["units"][unit]["probes"][probe][key], value[key], rtol=RTOL)
+
+
+def _from(model, variables, start, train=False):
+    def logits(h):
+        if not train:
+            return model.apply(variables, h, False, start=start)
+        return model.apply(variables, h, True, start=start, mutable=["batch_stats"])[0]
+    return logits
+
+
+def test_logit_jacobian_norm_equals_jacrev_per_example(tiny, e2e):
+    model, variables, x, _ = tiny
+    h = e2e["eval"]["activations"][2]  # input of unit_2
+    f = _from(model, variables, "unit_2")
+    jac = jax.jit(jax.vmap(jax.jacrev(lambda hi: f(hi[None])[0])))(h)
+    brute = np.sum(np.square(np.asarray(jac)).reshape(3, -1), axis=1)
+    np.testing.assert_allclose(e2e["eval"]["units"]["unit_2"]["input"]["logit_jac"] ** 2, brute, rtol=RTOL)
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch"])
+def test_loss_gradient_equals_jax_grad(tiny, e2e, bn):
+    model, variables, x, labels = tiny
+    h = e2e[bn]["activations"][1]  # input of unit_1
+    f = _from(model, variables, "unit_1", train=bn == "batch")
+    loss = lambda h: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(f(h)), labels[:, None], 1))  # noqa: E731
+    brute = np.linalg.norm(np.asarray(jax.jit(jax.grad(loss))(h)).reshape(3, -1), axis=1)
+    np.testing.assert_allclose(e2e[bn]["units"]["unit_1"]["input"]["loss_grad"], brute, rtol=RTOL)
+
+
+def test_weight_gradients_equal_jax_grad(tiny, e2e):
+    model, variables, x, labels = tiny
+
+    def loss(params):
+        z = model.apply({**variables, "params": params}, x, False)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], 1))
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    got = e2e["eval"]["units"]["unit_2"]["param_grad"]
+    assert set(got) == {"conv1/kernel", "conv2/kernel"}
+    np.testing.assert_allclose(got["conv2/kernel"], np.linalg.norm(grads["unit_2"]["conv2"]["kernel"]), rtol=RTOL)
+    np.testing.assert_allclose(e2e["eval"]["units"]["head"]["param_grad"]["fc/kernel"],
+                               np.linalg.norm(grads["head"]["fc"]["kernel"]), rtol=RTOL)
+
+
+def test_forward_stds_match_the_whole_model_intermediates(tiny, e2e):
+    model, variables, x, _ = tiny
+    whole = forward_statistics(model, variables, x, bn="eval")
+    for unit, stats in whole.items():
+        for probe, value in stats.items():
+            assert e2e["eval"]["units"][unit]["forward"][probe] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def unit2(tiny, e2e):
+    """unit_2 (downsampling block, 6x6x4 -> 3x3x6) as a map of its input, eval and batch mode."""
+    model, variables, x, _ = tiny
+    h = e2e["eval"]["activations"][2]
+    seg_eval = find_segment(SegmentCache().segments(model, variables, x.shape, "eval"), "unit_2")
+    seg_batch = find_segment(SegmentCache().segments(model, variables, x.shape, "batch"), "unit_2")
+    return h, seg_eval, seg_batch, model, variables
+
+
+@pytest.mark.parametrize("side,chunk", [("jvp", 1), ("jvp", 50), ("vjp", 7), ("auto", 1000)])
+def test_frobenius_exact_equals_jacrev_any_side_and_chunk(unit2, side, chunk):
+    h, seg, _, model, variables = unit2
+    f = lambda hi: model.apply(variables, hi[None], start="unit_2", stop="unit_2")[0]  # noqa: E731
+    brute = np.sum(np.square(np.asarray(jax.jit(jax.vmap(jax.jacrev(f)))(h))).reshape(3, -1), axis=1)
+    got = unit_jacobian.frobenius_sq_exact(seg.ops.map, h, params=seg.params, side=side, chunk_size=chunk)
+    np.testing.assert_allclose(got, brute, rtol=RTOL)
+
+
+def test_batch_map_frobenius_and_cross_example_share_equal_jacrev(unit2):
+    h, _, seg, model, variables = unit2
+    f = lambda hb: model.apply(variables, hb, True, start="unit_2", stop="unit_2", mutable=["batch_stats"])[0]  # noqa: E731
+    jac = np.asarray(jax.jit(jax.jacrev(f))(h)).reshape(3 * 54, 3 * 144)
+    total = np.sum(jac**2)
+    diag = sum(np.sum(jac[i * 54:(i + 1) * 54, i * 144:(i + 1) * 144] ** 2) for i in range(3))
+    for side in ("jvp", "vjp"):
+        got_total, got_diag = unit_jacobian.frobenius_sq_exact(seg.ops.map, h, params=seg.params,
+                                                               per_example=False, side=side, chunk_size=40)
+        np.testing.assert_allclose([got_total, got_diag], [total, diag], rtol=RTOL)
+    assert 0 < 1 - diag / total < 0.9  # BatchNorm's batch statistics couple the examples
+
+
+def test_spectrum_and_spectral_norms_equal_svd_of_jacrev(unit2):
+    h, seg, _, model, variables = unit2
+    f = lambda hi: model.apply(variables, hi[None], start="unit_2", stop="unit_2")[0]  # noqa: E731
+    jac = np.asarray(jax.jit(jax.vmap(jax.jacrev(f)))(h)).reshape(3, 54, 144)
+    svd = [np.linalg.svd(jac[i], compute_uv=False) for i in range(3)]
+    spectrum = unit_jacobian.singular_values_exact(seg.ops.map, h, params=seg.params)
+    np.testing.assert_allclose(spectrum, np.stack(svd), rtol=1e-4, atol=1e-5)
+    top = np.stack(svd)[:, 0]
+    lanczos = unit_jacobian.spectral_norm_lanczos(seg.ops.map, h, params=seg.params, tol=1e-6)
+    power = unit_jacobian.spectral_norm_power(seg.ops.map, h, params=seg.params, tol=1e-6, max_iter=2000)
+    assert lanczos["converged"].all() and (lanczos["residual"] <= 1e-6).all()
+    np.testing.assert_allclose(lanczos["sigma"], top, rtol=1e-5)
+    np.testing.assert_allclose(power["sigma"], top, rtol=1e-4)
+    assert lanczos["iterations"] < power["iterations"]  # Lanczos needs far fewer products
+
+
+def test_exact_methods_refuse_sizes_they_cannot_run(unit2):
+    h, seg, _, _, _ = unit2
+    with pytest.raises(ValueError, match="max_elements"):
+        unit_jacobian.singular_values_exact(seg.ops.map, h, params=seg.params, max_elements=100)
+    big = jnp.zeros((8, 32, 32, 16))  # a 32x32x16 unit: one chunk of 10^5 basis vectors is ~80 GiB
+    with pytest.raises(ValueError, match="chunk_size <= .*method='estimate'"):
+        unit_jacobian.check_chunk(100_000, big.shape[0], 32 * 32 * 16)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        unit_jacobian.frobenius_sq_exact(seg.ops.map, h, params=seg.params, chunk_size=0)
+
+
+def test_a_32x32x16_unit_frobenius_runs_in_bounded_memory():
+    """Exact ||J||_F^2 of a 32x32x16 -> 32x32x16 conv layer without its 1 GiB Jacobian: a
+    3x3 conv with kernel W has ||J||_F^2 = sum over output pixels of the squared taps that
+    land inside the image (zero padding), i.e. sum_taps ||W_tap||^2 * (#pixels where valid)."""
+    w = jax.random.normal(jax.random.key(3), (3, 3, 16, 16)) / 12
+    f = lambda h: jax.lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jnp.zeros((1, 32, 32, 16))
+    got = unit_jacobian.frobenius_sq_exact(f, h, chunk_size=512)
+    valid = np.array([31, 32, 31])  # rows (and columns) where tap offset -1, 0, +1 stays inside
+    expected = sum(np.sum(np.asarray(w[a, b]) ** 2) * valid[a] * valid[b] for a in range(3) for b in range(3))
+    np.testing.assert_allclose(got, [expected], rtol=1e-4)
+
+
+def test_hutchinson_and_hutchpp_are_unbiased_on_a_unit(unit2):
+    h, seg, _, model, variables = unit2
+    exact = unit_jacobian.frobenius_sq_exact(seg.ops.map, h, params=seg.params)
+    for est in (estimators.frobenius_sq_hutchinson(seg.ops.map, h, params=seg.params, num_probes=64),
+                estimators.frobenius_sq_hutchpp(seg.ops.map, h, params=seg.params, num_probes=60)):
+        # 5 standard errors: fails with probability < 1e-6 if the estimator is unbiased
+        assert np.all(np.abs(est["estimate"] - exact) < 5 * est["std_err"])
