@@ -3,9 +3,10 @@
     jaxres train --config experiments/configs/synthetic.py --workdir /tmp/smoke
 
 A 3-stage ResNet with one block per stage (widths 8/16/32) on 32x32x3 class-pattern images
-with heavy noise (jaxres/data/synthetic.py); 300 steps of batch 64 take the loss from 2.3
-well below 1 and eval accuracy far above the 10% of chance. Used by the kill-and-resume
-tests with smaller num_steps.
+with heavy noise (jaxres/data/synthetic.py). Measured on 2 shared CPU cores: 300 steps of
+batch 64 take the training loss from 2.3 to 1.12 and eval accuracy to 54.5% (chance: 10%) on
+the 257 test images, in 113 s wall / 78 s CPU. The kill-and-resume tests use it with smaller
+widths and fewer steps.
 """
 
 from jaxres.train.config import base_config
