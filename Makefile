@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The default gradient-propagation study (plain vs residual CIFAR twins, depths 20/56/110, at
+# init, offline); outputs go to runs/analyze/ (git-ignored). ~2-3 min on a 2-core CPU.
 demo: $(STAMP)
-	$(BIN)/jaxres models
+	$(BIN)/jaxres analyze --out runs/analyze
 
 # Every test, slow ones included; -n 2 uses both cores of the CI machine.
 test: $(STAMP)

@@ -63,18 +63,20 @@ def register(subparsers) -> None:
     parser.add_argument("--models", default="cifar_plain,cifar_resnet",
                         help="families combined with --depths, or full model names (default: %(default)s)")
     parser.add_argument("--depths", default="20,56,110", help="depths for the families (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="synthetic inputs per model (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=4, help="synthetic inputs per model (default: 4)")
     parser.add_argument("--method", default="auto", choices=("auto", "exact", "estimate"),
                         help="per-unit Frobenius norms: exact (basis JVP/VJPs), estimate (Hutchinson), or "
                         "auto (exact when <= 256 products)")
-    parser.add_argument("--bn", default="eval,batch",
-                        help="BatchNorm policies: eval (running stats) and/or batch (batch stats)")
-    parser.add_argument("--activation", default="relu,tanh", help="activations (default: %(default)s)")
+    parser.add_argument("--bn", default="batch",
+                        help="BatchNorm policies: eval (running stats) and/or batch (batch stats); at "
+                        "initialization eval-mode BN is the identity, i.e. the same as --norm none "
+                        "(default: %(default)s)")
+    parser.add_argument("--activation", default="relu", help="activations, e.g. relu,tanh (default: %(default)s)")
     parser.add_argument("--norm", default="batchnorm,none", help="normalizations (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initialization/input/probe seed (default: 0)")
     parser.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per unit (default: 8)")
-    parser.add_argument("--jacobian-units", type=int, default=8,
-                        help="per-unit Jacobians on this many evenly spaced units per model, 0 = all (default: 8)")
+    parser.add_argument("--jacobian-units", type=int, default=4,
+                        help="per-unit Jacobians on this many evenly spaced units per model, 0 = all (default: 4)")
     parser.add_argument("--out", default="runs/analyze", help="output directory (default: %(default)s)")
     parser.add_argument("--checkpoint", default=None,
                         help="orbax checkpoint directory with 'params' (+ 'batch_stats') to analyze trained "
