@@ -92,8 +92,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
     proc = start(tmp_path)
-    wait_for_checkpoint(tmp_path, proc, 15)
-    time.sleep(0.3)  # let it get into the next steps: the kill lands between checkpoints
+    wait_for_checkpoint(tmp_path, proc, 10)
+    time.sleep(0.05)  # into the next steps: the kill lands between checkpoints, 30 steps before the end
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL  # it really died before finishing

@@ -282,6 +282,8 @@ def evaluate_workdir(workdir, *, checkpoint: str = "latest", split: str = "", da
     (or `split`), with the config stored in that checkpoint."""
     workdir = Path(workdir)
     kind = "best" if checkpoint == "best" else "checkpoints"
+    if not (workdir / kind).is_dir():
+        raise FileNotFoundError(f"{workdir / kind} does not exist; train first with `jaxres train --workdir {workdir}`")
     ckpts = Checkpoints(workdir / kind, keep=1 if kind == "best" else 10**6)
     try:
         steps = ckpts.steps()
