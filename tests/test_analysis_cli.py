@@ -1,0 +1,125 @@
+"""`jaxres analyze` and the analysis API on bad input: clear errors, no partial files; the
+checkpoint restore path; one small end-to-end CLI run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxres.analysis.report import atomic_write
+from jaxres.analysis.restore import check_variables, restore_variables
+from jaxres.analysis.segments import SegmentCache, check_bn, find_segment
+from jaxres.analysis.study import StudyConfig, model_names
+from jaxres.cli import main
+from jaxres.models import ResNet
+
+
+def test_unknown_model_name_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", "--models", "cifar_resnett", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model or family 'cifar_resnett'" in err and "did you mean" in err
+    assert not out.exists()
+
+
+def test_depth_a_family_lacks_names_the_valid_depths():
+    with pytest.raises(ValueError, match=r"cifar_plain has no depth 50 \(valid depths: \[20, 32, 44, 56, 110\]\)"):
+        model_names(StudyConfig(depths=(50,)))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "exactly", "unknown method 'exactly'"),
+    ("bns", ("running",), "unknown BatchNorm policy"),
+    ("activations", ("relu6",), "unknown activation"),
+    ("batch_size", 1, "batch_size must be >= 2"),
+])
+def test_bad_study_settings_are_named(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        StudyConfig(**{field: value})
+
+
+def test_unit_out_of_range_and_bad_bn_policy():
+    model = ResNet(stage_sizes=(1,), widths=(4,), stem="cifar", num_classes=3)
+    x = jnp.zeros((2, 4, 4, 3))
+    segments = SegmentCache().segments(model, model.init(jax.random.key(0), x), x.shape)
+    assert find_segment(segments, "unit_1").name == "unit_1"
+    with pytest.raises(ValueError, match="unknown unit 'unit_9'"):
+        find_segment(segments, "unit_9")
+    with pytest.raises(ValueError, match="unknown BatchNorm policy"):
+        check_bn("train")
+
+
+def test_exact_method_too_large_suggests_estimate():
+    from jaxres.analysis.study import frobenius_sq
+
+    class Seg:  # only the fields frobenius_sq reads
+        name, out_shape = "unit_1", (8, 32, 32, 16)
+
+    with pytest.raises(ValueError, match="use --method estimate"):
+        frobenius_sq(Seg, None, None, jnp.zeros((8, 32, 32, 16)), per_example=False,
+                     config=StudyConfig(method="exact"), seed=0)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "results.json"
+
+    def fail(handle):
+        handle.write(b"{partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """An orbax StandardCheckpointer save of {"params", "batch_stats", "step"} of a small net."""
+    import orbax.checkpoint as ocp
+
+    model = ResNet(stage_sizes=(1, 1), widths=(4, 8), stem="cifar", shortcut="A", num_classes=10)
+    x = jnp.zeros((2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    path = tmp_path_factory.mktemp("ckpt") / "100" / "default"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, {**variables, "step": 100})
+    checkpointer.wait_until_finished()
+    return model, x, variables, path.parent.parent
+
+
+def test_checkpoint_restores_from_a_manager_style_directory(saved_checkpoint):
+    model, x, variables, root = saved_checkpoint
+    restored = check_variables(model, restore_variables(root), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restored, dict(variables)))
+
+
+def test_checkpoint_of_another_model_lists_the_mismatches(saved_checkpoint):
+    _, x, _, root = saved_checkpoint
+    other = ResNet(stage_sizes=(1, 1), widths=(4, 16), stem="cifar", shortcut="A", num_classes=10)
+    with pytest.raises(ValueError, match=r"checkpoint does not match .*unit_2.*conv1.*kernel"):
+        check_variables(other, restore_variables(root), x)
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        restore_variables(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
+    out = tmp_path / "analyze"
+    code = main(["analyze", "--models", "cifar_plain20,cifar_resnet20", "--norm", "none", "--batch-size", "2",
+                 "--jacobian-units", "2", "--num-probes", "4", "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["loss_grads.png", "norms.png", "results.json", "spectra.png",
+                                                    "table.txt"]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["cifar_plain20", "cifar_resnet20"]
+    assert results["config"]["seed"] == 0 and "jax" in results["versions"]
+    plain, residual = results["runs"]
+    assert len(plain["units"]) == 11  # stem, 9 blocks, head
+    # twins share weights, so the head (same classifier, same input statistics) sees the same fc
+    assert plain["units"][-1]["param_grad"].keys() == residual["units"][-1]["param_grad"].keys()
+    assert any(u["identity_shortcut"] for u in residual["units"]) and not any(u["identity_shortcut"] for u in plain["units"])
+    assert "cifar_resnet20" in capsys.readouterr().out
