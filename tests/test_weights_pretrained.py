@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxres
+
 from jaxres.cli import main
 from jaxres.weights import WeightsUnavailableError, pretrained, read_state_dict, read_weights_info, torchvision_weights
 from jaxres.weights import loading
@@ -170,3 +172,10 @@ def test_cli_converts_a_pth_and_verifies_against_torchvision(tmp_path, capsys):
     assert difference < 1e-4
     info = read_weights_info(tmp_path / "out" / "resnet18.safetensors")
     assert info.preprocessing["resize_size"] == 256 and "IMAGENET1K_V1" in info.source
+
+
+def test_create_model_with_weights_returns_model_and_variables(resnet18_safetensors):
+    source, state_dict = resnet18_safetensors
+    model, variables = jaxres.create_model("resnet18", weights=source)
+    assert model.unit_names()[-1] == "head"
+    np.testing.assert_array_equal(variables["params"]["head"]["fc"]["bias"], state_dict["fc.bias"])

@@ -117,13 +117,21 @@ def model_card(name: str) -> ModelCard:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, num_classes: int | None = None, **overrides) -> UnitModel:
+def create_model(name: str, *, num_classes: int | None = None, weights=None, **overrides):
     """Builds the registry entry `name` with any field of its model class overridden.
 
     Overrides are the model dataclass's fields (`activation`, `norm`, `kernel_init`,
     `residual`, `shortcut`, `zero_init_residual`, `dtype`, ...); `depth` of the CIFAR
     ResNets is fixed by the name: pick another entry instead.
+
+    With `weights` (a spec: "torchvision:IMAGENET1K_V2", a jaxres weights file, a torchvision
+    .pth/.safetensors) it returns `(model, variables)`, since Flax modules hold no parameters;
+    see `jaxres.weights.pretrained`.
     """
+    if weights is not None:
+        from jaxres.weights.loading import pretrained  # lazy: jaxres.weights imports the registry
+
+        return pretrained(name, weights, num_classes=num_classes, **overrides)
     card = model_card(name)
     valid = _override_names(card)
     unknown = sorted(set(overrides) - valid)
