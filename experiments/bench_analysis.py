@@ -37,7 +37,6 @@ def _timed(fn, repeats):
 
 def case(name: str, batch_size: int, repeats: int, chunk: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import optax
 
     import jaxres

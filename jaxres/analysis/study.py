@@ -84,11 +84,11 @@ class StudyConfig:
             pick("activation", act, ACTIVATIONS)
         for bn in self.bns:
             check_bn(bn)
-        for name, value in (("batch_size", self.batch_size), ("jacobian_examples", self.jacobian_examples),
-                            ("num_probes", self.num_probes), ("seed", self.seed + 1),
-                            ("jacobian_units", self.jacobian_units + 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, low in (("batch_size", self.batch_size, 1), ("jacobian_examples", self.jacobian_examples, 1),
+                                 ("num_probes", self.num_probes, 2), ("seed", self.seed, 0),
+                                 ("jacobian_units", self.jacobian_units, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch statistics, gradient correlations), got {self.batch_size}")
         model_names(self)
