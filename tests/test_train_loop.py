@@ -111,7 +111,9 @@ def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
     assert found, str(err.value)
     bad, good = int(found.group(1)), int(found.group(2))
     assert 1 <= good < bad
-    assert Checkpoints(tmp_path / "checkpoints").steps()[-1] == good  # nothing saved after it
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    assert ckpts.steps()[-1] == good  # nothing saved after it
+    ckpts.close()
     tree = final_tree(tmp_path, config, good)[0]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree["params"]))
 
