@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.weight_decay_exclude_bn_and_bias = False
     c.label_smoothing = 0.0
+    # Precision and scale-out (jaxres.train.precision, jaxres.parallel).
+    c.dtype = "float32"  # compute dtype: "float32" | "bfloat16" | "float16" (params stay float32)
+    c.loss_scale_initial = 2.0**15  # float16 only: dynamic loss scaling starts here
+    c.parallel = "auto"  # "auto" (single on one device, else sharded) | "single" | "pmap" | "sharded"
     c.schedule = "piecewise"  # "piecewise" | "step" | "cosine" | "constant"
     c.lr_boundaries = ml_collections.ConfigDict({"32000": 0.1, "48000": 0.1})  # iteration -> factor
     c.decay_every_epochs = 30.0  # schedule="step"

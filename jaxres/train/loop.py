@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training loop around the pure step functions.
 
 It builds data -> model -> state from the config, resumes from the newest readable
-checkpoint in `workdir`, runs `train_step` under `jax.jit`, evaluates on the full split,
+checkpoint in `workdir`, runs `train_step` through a parallel driver (jaxres.parallel: one
+device, pmap or jit+shard_map), evaluates on the full split,
 logs metrics, and checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM.
 The state after step k depends only on (config, k): a run killed at any moment and
 restarted with the same command ends bitwise identical (on CPU) to an uninterrupted run.
@@ -9,7 +10,6 @@ restarted with the same command ends bitwise identical (on CPU) to an uninterrup
 
 from __future__ import annotations
 
-import functools
 import math
 import signal
 import time
@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres import data, models
+from jaxres.parallel import check_batch_size, make_driver
 from jaxres.train import config as config_lib
+from jaxres.train import precision
 from jaxres.train.checkpoint import Checkpoints
 from jaxres.train.metrics import MetricsWriter, summary_table
 from jaxres.train.optim import make_optimizer, make_schedule
 from jaxres.train.state import TrainState, checkpoint_tree, create_train_state
-from jaxres.train.step import eval_step, train_step
 
 # Fields that do not change the trajectory: a resumed run may change them.
-BOOKKEEPING = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+BOOKKEEPING = {"parallel", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "num_data_threads", "progress_bar", "num_steps", "data_dir", "eval_batch_size", "eval_split"}
 
 
@@ -42,6 +43,7 @@ def build_model(config, spec: data.DatasetSpec):
     overrides = dict(config.model_overrides.to_dict()) if config.model_overrides else {}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     overrides.setdefault("in_channels", spec.channels)
+    overrides.setdefault("dtype", precision.compute_dtype(config.dtype))
     overrides.setdefault("num_classes", spec.num_classes)
     classes = {"ResNet": models.ResNet, "VGG": models.VGG}
     if config.model in classes:
@@ -77,9 +79,19 @@ class Run:
         tx = make_optimizer(self.schedule, momentum=config.momentum, nesterov=config.nesterov,
                             weight_decay=config.weight_decay,
                             exclude_bn_and_bias=config.weight_decay_exclude_bn_and_bias)
+        parallel = config.parallel
+        if parallel == "auto":
+            parallel = "single" if jax.device_count() == 1 else "sharded"
+        # Donation reuses the state's buffers on accelerators; XLA:CPU ignores it with a warning.
+        self.driver = make_driver(parallel, label_smoothing=config.label_smoothing,
+                                  donate=jax.default_backend() != "cpu")
+        local = self.driver.num_devices // self.process_count
+        check_batch_size(config.batch_size // self.process_count, local)
+        if config.eval_batch_size % local:
+            raise ValueError(f"eval_batch_size {config.eval_batch_size} is not divisible by the {local} local devices")
         shape = (1, self.spec.image_size, self.spec.image_size, self.spec.channels)
-        self.state = create_train_state(self.model, tx, jax.random.PRNGKey(config.seed), shape)
-        self.eval_fn = jax.jit(eval_step)
+        loss_scale = precision.DynamicLossScale.create(config.loss_scale_initial) if config.dtype == "float16" else None
+        self.state = create_train_state(self.model, tx, jax.random.PRNGKey(config.seed), shape, loss_scale)
 
     def train_batches(self):
         ds = data.train_dataset(self.train_source, batch_size=self.config.batch_size // self.process_count,
@@ -88,13 +100,14 @@ class Run:
         return data.train_iterator(ds, num_threads=self.config.num_data_threads)
 
     def evaluate(self, state: TrainState) -> dict:
-        """Loss and accuracy over every example of the eval split (padded, masked batches)."""
+        """Loss and accuracy over every example of the eval split (padded, masked batches);
+        `state` is in the driver's device layout."""
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         for batch in data.eval_batches(self.eval_source, batch_size=self.config.eval_batch_size,
                                        transform=self.eval_transform, process_index=self.process_index,
                                        process_count=self.process_count,
                                        num_threads=self.config.num_data_threads):
-            sums = jax.device_get(self.eval_fn(state, batch))
+            sums = jax.device_get(self.driver.eval_step(state, self.driver.put_batch(batch)))
             for k in totals:
                 totals[k] += float(sums[k])
         count = totals["count"]
@@ -133,11 +146,7 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """True when every floating-point leaf of `tree` is finite."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+all_finite = jax.jit(precision.all_finite)
 
 
 def _due(step: int, every: int) -> bool:
@@ -172,8 +181,8 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
     if writer and restored is not None:
         writer.event(step, "resumed")
 
-    step_fn = jax.jit(functools.partial(train_step, label_smoothing=config.label_smoothing),
-                      donate_argnums=() if jax.default_backend() == "cpu" else (0,))
+    driver = run.driver
+    state = driver.put_state(state)
     pending, last_train, last_eval, stopped = [], {}, None, False
     window_start, window_steps = time.time(), 0
 
@@ -188,7 +197,8 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
             if not np.isfinite(m["loss"]):
                 stop_non_finite(f"loss is {float(m['loss'])} at step {first + offset}")
         elapsed = time.time() - window_start
-        last_train = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+        # window means, except the count of float16 steps skipped for overflowing gradients
+        last_train = {k: float((np.sum if k == "skipped" else np.mean)([m[k] for m in values])) for k in values[0]}
         last_train["learning_rate"] = float(run.schedule(step - 1))
         last_train["step_time"] = elapsed / max(window_steps, 1)
         last_train["images_per_second"] = config.batch_size * window_steps / max(elapsed, 1e-9)
@@ -204,9 +214,10 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
 
     def save():
         # A finite loss can still come with an overflowing update: never save such a state.
-        if not bool(all_finite(checkpoint_tree(state))):
+        tree = checkpoint_tree(driver.get_state(state))
+        if not bool(all_finite(tree)):
             stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
-        ckpts.save(step, checkpoint_tree(state), batches.get_state(), config_json,
+        ckpts.save(step, tree, batches.get_state(), config_json,
                    {"eval": last_eval} if last_eval else None)
 
     from tqdm.auto import tqdm
@@ -216,7 +227,7 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
     try:
         with StopSignal() as stop:
             while step < config.num_steps:
-                state, metrics = step_fn(state, next(batches))
+                state, metrics = driver.train_step(state, driver.put_batch(next(batches)))
                 step += 1
                 window_steps += 1
                 pending.append(metrics)
@@ -233,9 +244,10 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
                         writer.write(step, "eval", last_eval)
                     if best_eval is None or last_eval["accuracy"] > best_eval["accuracy"]:
                         best_eval = dict(last_eval, step=step)
-                        if not bool(all_finite(checkpoint_tree(state))):
+                        tree = checkpoint_tree(driver.get_state(state))
+                        if not bool(all_finite(tree)):
                             stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
-                        best.save(step, checkpoint_tree(state), batches.get_state(), config_json,
+                        best.save(step, tree, batches.get_state(), config_json,
                                   {"eval": last_eval})
                 if checkpoint:
                     save()
@@ -304,7 +316,7 @@ def evaluate_workdir(workdir, *, checkpoint: str = "latest", split: str = "", da
         tree = ckpts.restore(wanted, checkpoint_tree(run.state))[0]
     finally:
         ckpts.close()
-    result = run.evaluate(run.state.replace(**tree))
+    result = run.evaluate(run.driver.put_state(run.state.replace(**tree)))
     report(summary_table([("checkpoint", f"{kind}/{wanted}"), ("model", config.model),
                           ("split", f"{config.dataset}:{config.eval_split or run.spec.eval_split}"),
                           ("loss", f"{result['loss']:.4f}"),

@@ -17,12 +17,14 @@ class TrainState(train_state.TrainState):
     - `batch_stats`: BatchNorm running statistics ({} for normalization-free nets);
     - `rng`: the run's base PRNG key (uint32 (2,)); step k uses fold_in(rng, k), so no RNG
       state evolves and a resumed run draws the same dropout masks;
-    - `model`: the Flax module (static), so the step can re-bind BatchNorm to a mapped axis.
+    - `model`: the Flax module (static), so the step can re-bind BatchNorm to a mapped axis;
+    - `loss_scale`: a `precision.DynamicLossScale` for float16 compute, else None.
     """
 
     batch_stats: Any = None
     rng: jax.Array = None
     model: Any = struct.field(pytree_node=False, default=None)
+    loss_scale: Any = None
 
     def variables(self) -> dict:
         """The `variables` dict for `model.apply`."""
@@ -30,9 +32,10 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-                       input_shape: tuple[int, ...]) -> TrainState:
+                       input_shape: tuple[int, ...], loss_scale=None) -> TrainState:
     """Initializes `model` on a zero batch of `input_shape` (N, H, W, C) and wraps it with
-    the optimizer `tx`. `rng` (a raw uint32 key) seeds the parameters and, folded, dropout."""
+    the optimizer `tx`. `rng` (a raw uint32 key) seeds the parameters and, folded, dropout.
+    `loss_scale` (a precision.DynamicLossScale) turns on dynamic loss scaling (float16)."""
     init_rng, run_rng = jax.random.split(rng)
     variables = jax.jit(lambda key: model.init(key, jnp.zeros(input_shape, jnp.float32), False))(init_rng)
     return TrainState.create(
@@ -42,13 +45,17 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
         batch_stats=variables.get("batch_stats", {}),
         rng=run_rng,
         model=model,
+        loss_scale=loss_scale,
     ).replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it exactly
 
 
 def checkpoint_tree(state: TrainState) -> dict:
     """The arrays a checkpoint holds (static fields are rebuilt from the config)."""
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+    tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state, "rng": state.rng}
+    if state.loss_scale is not None:
+        tree["loss_scale"] = state.loss_scale
+    return tree
 
 
 def from_checkpoint_tree(state: TrainState, tree: dict) -> TrainState:

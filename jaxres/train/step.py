@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxres.train import precision
 from jaxres.train.state import TrainState
 
 
@@ -36,26 +37,41 @@ def train_step(state: TrainState, batch: dict, *, axis_name: str | None = None,
 
     Returns the new state and float32 scalar metrics: `loss` (mean cross-entropy, without the
     weight-decay term), `accuracy`, `grad_norm` (global L2 norm of the loss gradient). Dropout
-    draws from fold_in(state.rng, step) (and the device index under `axis_name`).
+    draws from fold_in(state.rng, step) (and the device index under `axis_name`). With a
+    `state.loss_scale` (float16) the metrics add `skipped` (1.0 when the step's gradients were
+    non-finite and the update was skipped) and `loss_scale`.
     """
     model = _model_for(state, axis_name)
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    scale = state.loss_scale.scale if state.loss_scale is not None else None
 
     def loss_fn(params):
         variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
         logits, updates = model.apply(variables, batch["image"], True, mutable=["batch_stats"], rngs={"dropout": rng})
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return loss, (logits, updates)
+        return (loss if scale is None else loss * scale), (loss, logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if scale is not None:
+        grads = jax.tree.map(lambda g: g / scale, grads)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
         metrics = lax.pmean(metrics, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    if scale is not None:
+        # float16: a step with overflowing gradients is skipped (after the pmean, so every
+        # device agrees) and only moves the step counter and the loss scale.
+        finite = precision.all_finite(grads)
+        kept = precision.select_tree(finite, (new_state.params, new_state.opt_state, new_state.batch_stats),
+                                     (state.params, state.opt_state, state.batch_stats))
+        new_state = new_state.replace(params=kept[0], opt_state=kept[1], batch_stats=kept[2],
+                                      loss_scale=state.loss_scale.update(finite))
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        metrics["loss_scale"] = state.loss_scale.scale
     return new_state, metrics
 
 
