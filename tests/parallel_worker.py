@@ -23,7 +23,7 @@ def main(driver_kind: str, num_devices: int, process_id: int = 0, num_processes:
 
     initialize_distributed(f"localhost:{port}", num_processes, process_id)
     from jaxres.models import ResNet
-    from jaxres.parallel.drivers import make_driver
+    from jaxres.parallel import make_driver
     from jaxres.train.state import create_train_state
 
     model = ResNet(stage_sizes=(1, 1), widths=(4, 8), stem="cifar", shortcut="A", num_classes=10)

@@ -52,9 +52,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from jaxres.parallel import initialize_distributed
     from jaxres.train import NonFiniteLossError, apply_overrides, load_config, train_and_evaluate
 
     config = apply_overrides(load_config(args.config), args.overrides)
+    # Multi-host jobs: JAXRES_COORDINATOR/NUM_PROCESSES/PROCESS_ID, or JAXRES_DISTRIBUTED=auto
+    # on clusters JAX detects; a single host does nothing.
+    initialize_distributed()
     try:
         summary = train_and_evaluate(config, args.workdir)
     except NonFiniteLossError as err:

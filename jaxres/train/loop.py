@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres import data, models
-from jaxres.parallel import check_batch_size, make_driver
 from jaxres.train import config as config_lib
 from jaxres.train import precision
 from jaxres.train.checkpoint import Checkpoints
+from jaxres.train.drivers import check_batch_size, make_driver
 from jaxres.train.metrics import MetricsWriter, summary_table
 from jaxres.train.optim import make_optimizer, make_schedule
 from jaxres.train.state import TrainState, checkpoint_tree, create_train_state
