@@ -123,3 +123,17 @@ def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
     assert plain["units"][-1]["param_grad"].keys() == residual["units"][-1]["param_grad"].keys()
     assert any(u["identity_shortcut"] for u in residual["units"]) and not any(u["identity_shortcut"] for u in plain["units"])
     assert "cifar_resnet20" in capsys.readouterr().out
+
+
+def test_checkpoint_from_a_jaxres_train_workdir(tmp_path, saved_checkpoint):
+    """The layout `jaxres train` writes: WORKDIR/checkpoints/<step>/{state,data,config,meta}."""
+    from jaxres.train.checkpoint import Checkpoints
+
+    model, x, variables, _ = saved_checkpoint
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=2)
+    for step in (5, 10):
+        tree = {"step": step, **jax.tree.map(lambda a: a + step, dict(variables))}
+        ckpts.save(step, tree, {"pos": step}, {"lr": 0.1})
+    restored = check_variables(model, restore_variables(tmp_path), x)
+    expected = jax.tree.map(lambda a: a + 10, dict(variables))  # the latest step
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.allclose(a, b)), restored, expected))

@@ -5,7 +5,10 @@ Expected layout (what the training stack saves with orbax): PATH is either
   level holds `params` and, for BatchNorm models, `batch_stats` (other keys such as
   `opt_state` or `step` are ignored); or
 - a `CheckpointManager` directory: the highest numeric step subdirectory is used, and inside
-  it the single item directory (e.g. `default/` or `state/`) holding that pytree.
+  it the item `state/` (what `jaxres train` saves: step, params, batch_stats, opt_state, rng),
+  else `default/`, else the only item holding a pytree;
+- a `jaxres train` workdir: its `checkpoints/` directory as above (`best/` can be passed
+  explicitly).
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ def find_pytree_dir(path) -> Path:
     if steps:
         return find_pytree_dir(max(steps, key=lambda p: int(p.name)))
     items = [p for p in path.iterdir() if p.is_dir() and (p / "_METADATA").exists()]
-    if len(items) == 1:
-        return items[0]
+    preferred = [p for name in ("state", "default") for p in items if p.name == name]
+    if preferred or len(items) == 1:
+        return (preferred or items)[0]
+    if (path / "checkpoints").is_dir():  # a `jaxres train` workdir: its latest checkpoint
+        return find_pytree_dir(path / "checkpoints")
     raise ValueError(
         f"no orbax pytree found in {str(path)!r}: expected a directory saved by orbax "
         f"StandardCheckpointer (with a _METADATA file), a step directory with one item, or a "
