@@ -11,7 +11,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -19,9 +18,9 @@ from jaxres.bench.peaks import peak_flops
 from jaxres.models import count_macs, create_model, model_card
 from jaxres.models.layers import pick
 from jaxres.parallel import check_batch_size, make_driver
+from jaxres.train.precision import COMPUTE_DTYPES as DTYPES
 from jaxres.train.state import create_train_state
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def check_dtype(dtype: str, platform: str) -> None:
