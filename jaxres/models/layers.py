@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxres.models.conv import conv_general_dilated
+
 Array = jax.Array
 ModuleDef = Any
 
@@ -109,6 +111,7 @@ def conv_def(kernel_init: str, use_bias: bool, dtype, param_dtype) -> ModuleDef:
     """The conv partial every block receives: explicit torch-style padding is given per call."""
     return functools.partial(
         nn.Conv,
+        conv_general_dilated=conv_general_dilated,
         use_bias=use_bias,
         kernel_init=pick("kernel initializer", kernel_init, KERNEL_INITS),
         dtype=dtype,
