@@ -109,11 +109,12 @@ def test_missing_checkpoint_directory(tmp_path):
 @pytest.mark.slow
 def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
     out = tmp_path / "analyze"
-    code = main(["analyze", "--models", "cifar_plain20,cifar_resnet20", "--norm", "none", "--batch-size", "2",
-                 "--jacobian-units", "2", "--num-probes", "4", "--out", str(out), "--no-progress"])
+    code = main(["analyze", "--models", "cifar_plain20,cifar_resnet20", "--norm", "none", "--activation", "relu",
+                 "--batch-size", "2", "--jacobian-units", "2", "--num-probes", "4", "--out", str(out),
+                 "--no-progress"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["loss_grads.png", "norms.png", "results.json", "spectra.png",
-                                                    "table.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["loss_grads.png", "norms.png", "results.json",
+                                                    "singular_values.png", "spectra.png", "table.txt"]
     results = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in results["runs"]] == ["cifar_plain20", "cifar_resnet20"]
     assert results["config"]["seed"] == 0 and "jax" in results["versions"]
@@ -122,6 +123,12 @@ def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
     # twins share weights, so the head (same classifier, same input statistics) sees the same fc
     assert plain["units"][-1]["param_grad"].keys() == residual["units"][-1]["param_grad"].keys()
     assert any(u["identity_shortcut"] for u in residual["units"]) and not any(u["identity_shortcut"] for u in plain["units"])
+    # per-unit Jacobians on the 2 requested units; exact spectra of d logits/d h: 10 per example
+    assert sum(u["jacobian"] is not None for u in plain["units"]) == 2
+    values = residual["units"][1]["logit_jac_singular_values"]
+    assert len(values) == 2 and len(values[0]) == 10 and values[0] == sorted(values[0], reverse=True)
+    assert sum(v**2 for v in values[0]) == pytest.approx(residual["units"][1]["logit_jac"]["per_example"][0] ** 2,
+                                                         rel=1e-4)  # sum sigma^2 = ||J||_F^2
     assert "cifar_resnet20" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxres.analysis import estimators, unit_jacobian
+from jaxres.analysis import estimators, unit_groups, unit_jacobian
 from jaxres.analysis.endtoend import end_to_end_norms, end_to_end_norms_whole
 from jaxres.analysis.forward_stats import forward_statistics
 from jaxres.analysis.segments import SegmentCache, find_segment
@@ -65,6 +65,9 @@ def test_logit_jacobian_norm_equals_jacrev_per_example(tiny, e2e):
     jac = jax.jit(jax.vmap(jax.jacrev(lambda hi: f(hi[None])[0])))(h)
     brute = np.sum(np.square(np.asarray(jac)).reshape(3, -1), axis=1)
     np.testing.assert_allclose(e2e["eval"]["units"]["unit_2"]["input"]["logit_jac"] ** 2, brute, rtol=RTOL)
+    # its full spectrum (5 singular values per example, from the Gram matrix of the class VJPs)
+    svd = np.stack([np.linalg.svd(np.asarray(jac[i], np.float64).reshape(5, -1), compute_uv=False) for i in range(3)])
+    np.testing.assert_allclose(e2e["eval"]["units"]["unit_2"]["input"]["singular_values"], svd, rtol=RTOL, atol=1e-6)
 
 
 @pytest.mark.parametrize("bn", ["eval", "batch"])
@@ -180,3 +183,70 @@ def test_hutchinson_and_hutchpp_are_unbiased_on_a_unit(unit2):
                 estimators.frobenius_sq_hutchpp(seg.ops.map, h, params=seg.params, num_probes=60)):
         # 5 standard errors: fails with probability < 1e-6 if the estimator is unbiased
         assert np.all(np.abs(est["estimate"] - exact) < 5 * est["std_err"])
+
+
+def _jacrev_blocks(model, variables, h, unit, train):
+    """Brute force: the whole batch map's Jacobian of `unit` by jax.jacrev, (N*n_out, N*n_in)."""
+    def f(hb):
+        if not train:
+            return model.apply(variables, hb, start=unit, stop=unit)
+        return model.apply(variables, hb, True, start=unit, stop=unit, mutable=["batch_stats"])[0]
+    out = jax.eval_shape(f, h)
+    jac = np.asarray(jax.jit(jax.jacrev(f))(h), np.float64)
+    return jac.reshape(int(np.prod(out.shape)), int(np.prod(h.shape)))
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch"])
+def test_exact_spectrum_equals_svd_of_jacrev(unit2, bn):
+    """bn=eval: J of example 0; bn=batch: the diagonal block d out_0 / d h_0 of the batch map
+    (rows 0..53, columns 0..143 of the whole (3*54) x (3*144) Jacobian)."""
+    h, seg_eval, seg_batch, model, variables = unit2
+    jac = _jacrev_blocks(model, variables, h, "unit_2", bn == "batch")
+    expected = np.linalg.svd(jac[:54, :144], compute_uv=False)
+    got = unit_groups.exact_spectrum(seg_eval if bn == "eval" else seg_batch, h, bn)
+    assert got["shape"] == [54, 144]
+    np.testing.assert_allclose(got["singular_values"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def twin_units():
+    """Two identical blocks (unit_1, unit_2: 4x4x4 -> 4x4x4, identity shortcuts) of a small
+    no-norm ReLU ResNet: one group for `unit_groups.measure_group`."""
+    model = ResNet(stage_sizes=(2,), widths=(4,), stem="cifar", norm="none", num_classes=3)
+    x = jax.random.normal(jax.random.key(4), (2, 4, 4, 3))
+    variables = model.init(jax.random.key(5), x)
+    res = end_to_end_norms(model, variables, x, jnp.array([0, 2]), cache=SegmentCache(), return_activations=True)
+    segs, hs = res["segments"], res["activations"]
+    assert segs[1].ops is segs[2].ops  # identical jaxprs share one compiled computation
+    return model, variables, [(segs[1], hs[1]), (segs[2], hs[2])]
+
+
+def test_grouped_unit_measurements_equal_jacrev_per_unit(twin_units):
+    """One vmapped op for both units: Lanczos sigma_max = top singular value of jacrev's J
+    (tol 1e-6 -> rtol 1e-5); Hutchinson (64 probes) within 5 standard errors of the exact
+    ||J||_F^2; the identity/branch split near ||J_F||_F and ||I + J_F||_F from jacrev of the
+    last layer probe (64 Rademacher probes: rtol 0.15 on the norm)."""
+    from jaxres.analysis.study import StudyConfig
+
+    model, variables, items = twin_units
+    config = StudyConfig(models=("cifar_resnet20",), depths=(20,), method="estimate", num_probes=64, tol=1e-6,
+                         max_iter=64, jacobian_examples=2)
+    results = unit_groups.measure_group(items, [True, True], "eval", config, seed=0)
+    for (seg, h), result, unit in zip(items, results, ("unit_1", "unit_2")):
+        for i in range(2):
+            f = lambda hi: model.apply(variables, hi[None], start=unit, stop=unit)[0]  # noqa: E731
+            jac = np.asarray(jax.jacrev(f)(h[i]), np.float64).reshape(64, 64)
+            sv = np.linalg.svd(jac, compute_uv=False)
+            assert result["spectral_norm"]["sigma"][i] == pytest.approx(sv[0], rel=1e-5)
+            fro = result["frobenius_sq"]
+            assert abs(fro["estimate"][i] - np.sum(sv**2)) < 5 * fro["std_err"][i]
+            assert result["mean_sq_singular_value"][i] == pytest.approx(fro["estimate"][i] / 64)
+
+            def branch(hi):
+                _, state = model.apply(variables, hi[None], start=unit, stop=unit, mutable=["intermediates"])
+                return state["intermediates"][unit]["layer2"][0][0]
+
+            jf = np.asarray(jax.jacrev(branch)(h[i]), np.float64).reshape(64, 64)
+            split = result["residual_split"]
+            assert split["branch"][i] == pytest.approx(np.linalg.norm(jf), rel=0.15)
+            assert split["identity_plus_branch"][i] == pytest.approx(np.linalg.norm(np.eye(64) + jf), rel=0.15)

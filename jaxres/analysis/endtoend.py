@@ -81,6 +81,15 @@ def _summarize(sq, num_classes):
     }
 
 
+def logit_singular_values(rows) -> np.ndarray:
+    """(N, C) descending singular values of each example's d logits / d h (C x n), exact:
+    `rows` (C, N, ...) are its C rows (the class VJPs), so the squared singular values are the
+    eigenvalues of the C x C Gram matrix of the rows (float64 LAPACK)."""
+    r = np.asarray(rows, np.float64).reshape(rows.shape[0], rows.shape[1], -1)
+    gram = np.einsum("cnk,dnk->ncd", r, r)
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[:, ::-1], 0.0))
+
+
 def check_labels(labels, n: int, num_classes: int):
     labels = jnp.asarray(labels)
     if labels.shape != (n,) or not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -95,13 +104,14 @@ def end_to_end_norms(model, variables, x, labels, *, bn: str = "eval", cache: Se
     """Exact end-to-end norms at every unit input and layer probe, by chained per-unit VJPs.
 
     x: (N, H, W, C_in) float; labels: (N,) int. Returns
-    `{"units": {unit: {"input": {"logit_jac": (N,), "loss_grad": (N,)},
+    `{"units": {unit: {"input": {"logit_jac": (N,), "loss_grad": (N,), "singular_values": (N, C)},
                        "probes": {probe: {...same}}, "forward": {probe: std},
                        "param_grad": {kernel path: float}}},
       "logits": (N, C), "loss": float}` with numpy arrays; with `return_input_grads` also
     `"input_grads"`: (C, N, H, W, C_in), d z_c / d x for every class c (shattered gradients);
     with `return_activations`, `"activations"`: the input of every unit, then the logits, and
-    `"pre_activations"`: per unit, h + last layer probe for shape-keeping units, else None.
+    `"pre_activations"`: per unit, h + last layer probe for shape-keeping units, else None,
+    and `"segments"`: the model's `Segment`s (so callers need not trace the units again).
     """
     check_bn(bn)
     cache = SegmentCache() if cache is None else cache
@@ -121,7 +131,7 @@ def end_to_end_norms(model, variables, x, labels, *, bn: str = "eval", cache: Se
         seg = segments[index]
         cot_in, probe_sq, param = seg.op("backward", _build_backward)(seg.cvars, seg.pert, hs[index], cot)
         units[seg.name] = {
-            "input": _summarize(_sq_per_example(cot_in), c),
+            "input": {**_summarize(_sq_per_example(cot_in), c), "singular_values": logit_singular_values(cot_in[:c])},
             "probes": {k: _summarize(v, c) for k, v in probe_sq.items()},
             "forward": forward[seg.name],
             "param_grad": {k: float(v) for k, v in param.items()},
@@ -135,6 +145,7 @@ def end_to_end_norms(model, variables, x, labels, *, bn: str = "eval", cache: Se
     if return_activations:
         result["activations"] = hs
         result["pre_activations"] = pres
+        result["segments"] = segments
     return result
 
 

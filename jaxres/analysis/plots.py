@@ -1,5 +1,6 @@
-"""PNG plots of a study: gradient norms vs unit index (plain vs residual, one curve per depth)
-and histograms of per-unit spectral quantities. Matplotlib with the Agg backend, no display."""
+"""PNG plots of a study: gradient norms vs unit index (plain vs residual, one curve per depth),
+histograms of per-unit spectral quantities, and histograms of exact singular values
+(dynamical isometry). Matplotlib with the Agg backend, no display."""
 
 from __future__ import annotations
 
@@ -81,4 +82,49 @@ def plot_spectra(results: dict, path) -> Path:
         ax.set_title(_label(dict(key)), fontsize=9)
         ax.set_xlabel("singular value of a unit Jacobian")
     axes[0][-1].legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def _spectrum_values(run, source: str) -> list[float]:
+    if source == "unit":  # exact SVD of a unit's J (opt-in, see StudyConfig.spectrum_max_dim)
+        return [v for u in run["units"] if "spectrum" in u for v in u["spectrum"]["singular_values"]]
+    # d logits / d h at the input of unit_1, each example's values over its largest
+    values = []
+    for row in run["units"][1]["logit_jac_singular_values"]:
+        values.extend(np.asarray(row) / max(row[0], 1e-300))
+    return values
+
+
+def plot_exact_spectra(results: dict, path, source: str = "logits") -> Path | None:
+    """Histograms of exact singular values, plain vs residual, one panel per setting, all
+    depths pooled, log-spaced bins; None if the results hold none.
+
+    source="logits": sigma_i / sigma_1 of d logits / d h at unit_1's input (C values per
+    example; 1 everywhere would be isometry). source="unit": the exact spectra of unit
+    Jacobians (`unit_groups.exact_spectrum`, opt-in)."""
+    groups = _by_setting(results)
+    if not any(_spectrum_values(run, source) for runs in groups.values() for run in runs):
+        return None
+    plt = _figure()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, (key, runs) in zip(axes[0], groups.items()):
+        values = {residual: [v for run in runs if run["residual"] == residual for v in _spectrum_values(run, source)]
+                  for residual in (False, True)}
+        positive = [v for vs in values.values() for v in vs if v > 0]
+        if positive:
+            low, high = max(min(positive), 1e-6 * max(positive)), max(positive)
+            bins = np.geomspace(low, high * 1.001, 40)
+            for residual, colour in ((False, "tab:red"), (True, "tab:blue")):
+                if values[residual]:
+                    ax.hist(np.clip(values[residual], low, None), bins=bins, alpha=0.5, color=colour,
+                            label=f"{'residual' if residual else 'plain'} ({len(values[residual])} values)")
+            ax.set_xscale("log")
+        ax.set_title(_label(dict(key)), fontsize=9)
+        ax.set_xlabel("sigma_i / sigma_1 of d logits / d h (unit_1 input)" if source == "logits"
+                      else "exact singular value of a unit Jacobian")
+    axes[0][0].set_ylabel("count")
+    axes[0][-1].legend(fontsize=7)
+    title = ("Exact spectra of d logits / d h at unit_1's input, at initialization" if source == "logits"
+             else "Exact singular-value spectra of unit Jacobians at initialization")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, Path(path))

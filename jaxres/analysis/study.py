@@ -29,16 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres.analysis import estimators, unit_jacobian
 from jaxres.analysis.endtoend import end_to_end_norms
-from jaxres.analysis.segments import SegmentCache, check_bn, last_probe
+from jaxres.analysis.segments import SegmentCache, check_bn
 from jaxres.analysis.shattered import arc_inputs, gradient_correlations
+from jaxres.analysis.unit_groups import exact_spectrum, frobenius_sq, measure_group  # noqa: F401 (re-export)
 from jaxres.models.layers import ACTIVATIONS, NORMS, closest_names, pick
 from jaxres.models.registry import create_model, list_models, model_card
 
 METHODS = ("auto", "exact", "estimate")
-EXACT_AUTO_MAX_BASIS = 256  # "auto": exact when the smaller side needs <= this many JVP/VJPs
-EXACT_MAX_BASIS = 1 << 16  # "exact": refuse beyond this many basis passes per unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +58,24 @@ class StudyConfig:
 
     models: tuple = ("cifar_plain", "cifar_resnet")
     depths: tuple = (20, 56, 110)
-    # The default grid fits `make demo` (<= 3 min on 2 CPU cores). At initialization BN's
-    # running statistics are (0, 1), so bn="eval" is the identity and measures exactly the
-    # normalization-free net (checked: identical numbers); it matters for trained variables.
+    # The default grid is the whole issue-3 grid (6 settings x 6 models) and fits `make demo`
+    # (<= 3 min on 2 CPU cores). At initialization BN's running statistics are (0, 1), so
+    # bn="eval" BN is the identity map and measures the normalization-free net (same numbers
+    # up to float rounding); it is kept because it matters for trained variables.
     norms: tuple = ("batchnorm", "none")
-    activations: tuple = ("relu",)
-    bns: tuple = ("batch",)
+    activations: tuple = ("relu", "tanh")
+    bns: tuple = ("eval", "batch")
     batch_size: int = 4
     method: str = "auto"
     seed: int = 0
     num_probes: int = 8
     jacobian_examples: int = 1  # bn="eval": per-unit Jacobians on the first few examples
-    jacobian_units: int = 4  # per-unit Jacobians on this many evenly spaced units (0: all)
+    jacobian_units: int = 0  # per-unit Jacobians on this many evenly spaced units (0: all)
+    # exact SVD spectrum of each model's last shape-keeping unit with <= this many input values
+    # per example (4096: the 8x8x64 stage-3 units, a 4096 x 4096 J); 0: none. Off by default:
+    # one such SVD took 30-60 s on the 2-core CPU (measured), more than the whole demo budget
+    # allows for 36 models; the default study reports the exact spectra of d logits / d h_l.
+    spectrum_max_dim: int = 0
     tol: float = 1e-2
     max_iter: int = 32
     chunk_size: int = 64
@@ -86,7 +90,8 @@ class StudyConfig:
             check_bn(bn)
         for name, value, low in (("batch_size", self.batch_size, 1), ("jacobian_examples", self.jacobian_examples, 1),
                                  ("num_probes", self.num_probes, 2), ("seed", self.seed, 0),
-                                 ("jacobian_units", self.jacobian_units, 0)):
+                                 ("jacobian_units", self.jacobian_units, 0),
+                                 ("spectrum_max_dim", self.spectrum_max_dim, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.batch_size < 2:
@@ -141,33 +146,6 @@ def _to_list(x):
     return np.asarray(x).tolist()
 
 
-def frobenius_sq(seg, f, params, h, *, per_example, config, seed) -> dict:
-    """||J||_F^2 of a unit map by the configured method; a ValueError if exact is impossible."""
-    n_in, n_out = math.prod(h.shape[1:]), math.prod(seg.out_shape[1:])
-    basis = min(n_in, n_out) * (1 if per_example else h.shape[0])
-    exact = config.method == "exact" or (config.method == "auto" and basis <= EXACT_AUTO_MAX_BASIS)
-    if config.method == "exact" and basis > EXACT_MAX_BASIS:
-        raise ValueError(
-            f"method='exact' needs {basis:,} JVP/VJPs for {seg.name} ({n_in} inputs, {n_out} outputs"
-            f"{'' if per_example else f', batch map of {h.shape[0]}'}), more than {EXACT_MAX_BASIS:,}; "
-            f"use --method estimate (Hutchinson with 95% intervals) or a smaller batch"
-        )
-    if exact:
-        value = unit_jacobian.frobenius_sq_exact(f, h, params=params, per_example=per_example,
-                                                 chunk_size=config.chunk_size)
-        if per_example:
-            return {"method": "exact", "estimate": _to_list(value)}
-        total, diag = (float(v) for v in value)
-        return {"method": "exact", "estimate": total, "diagonal": diag}
-    est = estimators.frobenius_sq_hutchinson(f, h, params=params, num_probes=config.num_probes,
-                                             per_example=per_example, seed=seed)
-    out = {"method": f"hutchinson-{config.num_probes}",
-           **{k: _to_list(est[k]) for k in ("estimate", "std_err", "ci_low", "ci_high")}}
-    if not per_example:
-        out["diagonal"] = float(est["diagonal"]["estimate"])
-    return out
-
-
 def identity_unit(out, pre, activation: Callable | None) -> bool:
     """True when a unit's output is act(h + branch) or h + branch on this batch, `pre` being
     h + (last layer probe): the identity-shortcut units, recognized from the outside."""
@@ -175,56 +153,6 @@ def identity_unit(out, pre, activation: Callable | None) -> bool:
         return False
     candidates = [lambda y: y] + ([activation] if activation is not None else [])
     return any(bool(jnp.allclose(out, act(pre), rtol=1e-4, atol=1e-5)) for act in candidates)
-
-
-def _build_branch_products(_, capture_fn):
-    """Segment op: (cvars, h, z) -> per-example ||J_F z||^2 and ||(I + J_F) z||^2."""
-
-    def products(cvars, h, z):
-        _, jf_z = jax.jvp(lambda x: last_probe(capture_fn(cvars, x)[1]), (h,), (z,))
-        sq = lambda v: jnp.sum(jnp.square(v).reshape(v.shape[0], -1), 1)  # noqa: E731
-        return sq(jf_z), sq(z + jf_z)
-
-    return products
-
-
-def residual_split(seg, cvars, h, per_example: bool, num_probes: int, seed: int) -> dict:
-    """Hutchinson estimates (same probes) of ||J_F||_F and ||I + J_F||_F: the residual branch
-    alone and identity path + branch, before the unit's final activation."""
-    rng = np.random.default_rng(seed)
-    op = seg.op("branch_products", _build_branch_products)
-    branch, total = [], []
-    for _ in range(num_probes):
-        b, t = op(cvars, h, jnp.asarray(rng.choice([-1.0, 1.0], size=h.shape), h.dtype))
-        branch.append(np.asarray(b, np.float64))
-        total.append(np.asarray(t, np.float64))
-    reduce = (lambda v: v.mean(0)) if per_example else (lambda v: v.sum(1).mean(0))
-    return {"branch": _to_list(np.sqrt(reduce(np.stack(branch)))),
-            "identity_plus_branch": _to_list(np.sqrt(reduce(np.stack(total)))),
-            "method": f"hutchinson-{num_probes}"}
-
-
-def unit_jacobians(seg, h, setting: Setting, config: StudyConfig, seed: int, identity: bool) -> dict:
-    """Per-unit Jacobian quantities for one segment at its input batch `h`."""
-    per_example = setting.bn == "eval"
-    params = seg.params
-    if per_example:  # the probes' zero perturbations have the batch shape: slice them too
-        h = h[: config.jacobian_examples]
-        params = (params[0], jax.tree.map(lambda p: p[: config.jacobian_examples], params[1]))
-    n_in = math.prod(h.shape[1:]) * (1 if per_example else h.shape[0])
-    fro = frobenius_sq(seg, seg.ops.map, params, h, per_example=per_example, config=config, seed=seed)
-    est = np.asarray(fro["estimate"], np.float64)
-    result = {"frobenius_sq": fro, "mean_sq_singular_value": _to_list(est / n_in)}
-    if not per_example and est > 0:
-        result["cross_example_share"] = float(1.0 - fro["diagonal"] / est)
-    spec = unit_jacobian.spectral_norm_lanczos(seg.ops.map, h, params=params, per_example=per_example,
-                                               tol=config.tol, max_iter=config.max_iter, seed=seed)
-    result["spectral_norm"] = {"sigma": _to_list(spec["sigma"]), "iterations": int(spec["iterations"]),
-                               "residual": _to_list(spec["residual"]), "converged": _to_list(spec["converged"]),
-                               "tol": config.tol}
-    if identity:
-        result["residual_split"] = residual_split(seg, params[0], h, per_example, config.num_probes, seed)
-    return result
 
 
 def jacobian_unit_indices(num_units: int, count: int) -> set[int]:
@@ -254,45 +182,6 @@ def summarize(units: list[dict], correlations) -> dict:
     }
 
 
-def analyze_model(model, variables, x, labels, setting: Setting, config: StudyConfig, cache: SegmentCache,
-                  progress: Callable[[str], None] | None = None) -> dict:
-    """Every measurement of the study for one model and setting (see the module docstring)."""
-    start = time.perf_counter()
-    e2e = end_to_end_norms(model, variables, x, labels, bn=setting.bn, cache=cache, return_input_grads=True,
-                           return_activations=True)
-    segments = cache.segments(model, variables, x.shape, setting.bn, x.dtype)
-    activation = ACTIVATIONS.get(getattr(model, "activation", None))
-    units = []
-    chosen = jacobian_unit_indices(len(segments), config.jacobian_units)
-    for index, seg in enumerate(segments):
-        h = e2e["activations"][index]
-        identity = identity_unit(e2e["activations"][index + 1], e2e["pre_activations"][index], activation)
-        if progress:
-            progress(seg.name)
-        entry = e2e["units"][seg.name]
-        units.append({
-            "name": seg.name,
-            "in_shape": list(seg.in_shape),
-            "out_shape": list(seg.out_shape),
-            "logit_jac": _quantiles(entry["input"]["logit_jac"]),
-            "loss_grad": _quantiles(entry["input"]["loss_grad"]),
-            "probes": {p: {k: _quantiles(v) for k, v in q.items()} for p, q in entry["probes"].items()},
-            "forward_std": entry["forward"],
-            "param_grad": entry["param_grad"],
-            "identity_shortcut": identity,
-            "jacobian": (unit_jacobians(seg, h, setting, config, config.seed + index, identity)
-                         if index in chosen else None),
-        })
-    correlations = gradient_correlations(e2e["input_grads"])
-    return {
-        "units": units,
-        "loss": e2e["loss"],
-        "shattered": {"correlation_by_lag": correlations.tolist()},
-        "summary": summarize(units, correlations),
-        "seconds": time.perf_counter() - start,
-    }
-
-
 def study_inputs(config: StudyConfig, input_shape=(32, 32, 3), num_classes: int = 10):
     """The fixed synthetic batch: arc images (N, H, W, C) float32 and random labels (N,)."""
     key = jax.random.key(config.seed)
@@ -301,40 +190,114 @@ def study_inputs(config: StudyConfig, input_shape=(32, 32, 3), num_classes: int 
     return x, labels
 
 
+def _model_pass(name: str, setting: Setting, config: StudyConfig, cache: SegmentCache, init_cache: dict,
+                variables_for: Callable | None):
+    """End-to-end norms, forward stats and gradient correlations of one model (exact);
+    returns the run (per-unit `jacobian` still None), its segments and unit inputs."""
+    start = time.perf_counter()
+    card = model_card(name)
+    model = create_model(name, activation=setting.activation, norm=setting.norm)
+    x, labels = study_inputs(config, (card.input_size, card.input_size, getattr(model, "in_channels", 3)),
+                             model.num_classes)
+    if variables_for is not None:
+        variables = variables_for(name, model, x)
+    else:
+        key = (twin_key(model), x.shape)
+        if key not in init_cache:
+            init_cache[key] = model.init(jax.random.key(config.seed), x)
+        variables = init_cache[key]
+    e2e = end_to_end_norms(model, variables, x, labels, bn=setting.bn, cache=cache, return_input_grads=True,
+                           return_activations=True)
+    activation = ACTIVATIONS.get(getattr(model, "activation", None))
+    units = []
+    for index, seg in enumerate(e2e["segments"]):
+        entry = e2e["units"][seg.name]
+        units.append({
+            "name": seg.name,
+            "in_shape": list(seg.in_shape),
+            "out_shape": list(seg.out_shape),
+            "logit_jac": _quantiles(entry["input"]["logit_jac"]),
+            "loss_grad": _quantiles(entry["input"]["loss_grad"]),
+            # exact singular values of d logits / d h_l per example (C of them, descending)
+            "logit_jac_singular_values": entry["input"]["singular_values"].astype(np.float32).tolist(),
+            "probes": {p: {k: _quantiles(v) for k, v in q.items()} for p, q in entry["probes"].items()},
+            "forward_std": entry["forward"],
+            "param_grad": entry["param_grad"],
+            "identity_shortcut": identity_unit(e2e["activations"][index + 1], e2e["pre_activations"][index],
+                                               activation),
+            "jacobian": None,
+        })
+    run = {"model": name, "family": card.family, "depth": _depth(name),
+           "residual": bool(getattr(model, "residual", True)), "setting": dataclasses.asdict(setting),
+           "units": units, "loss": e2e["loss"],
+           "shattered": {"correlation_by_lag": gradient_correlations(e2e["input_grads"]).tolist()},
+           "seconds": time.perf_counter() - start}
+    return run, e2e["segments"], e2e["activations"]
+
+
+def spectrum_unit_index(segments, max_dim: int) -> int | None:
+    """The last inner unit (before the head) that keeps its shape and whose per-example input
+    has <= max_dim values: the unit whose exact singular spectrum the study reports."""
+    for index in range(len(segments) - 2, 0, -1):
+        seg = segments[index]
+        if seg.in_shape == seg.out_shape and math.prod(seg.in_shape[1:]) <= max_dim:
+            return index
+    return None
+
+
 def run_study(config: StudyConfig = StudyConfig(), variables_for: Callable | None = None,
               progress_bar: bool = True) -> dict:
     """Runs the study; returns `{"config", "runs": [...]}` (see `report.write_results`).
 
-    `variables_for(name, model, x)` may supply trained variables (e.g. from a checkpoint);
-    by default every model is initialized with `config.seed` (twins share weights).
+    Per setting: one exact end-to-end pass per model, then the per-unit Jacobians of every
+    model at once, grouped by computation (`unit_groups.measure_group`), then the exact
+    spectra. `variables_for(name, model, x)` may supply trained variables (e.g. from a
+    checkpoint); by default every model is initialized with `config.seed` (twins share weights).
     """
     from tqdm.auto import tqdm
 
     names = model_names(config)
     settings = config.settings()
-    jobs = [(name, s) for s in settings for name in names]
-    bar = tqdm(total=len(jobs), disable=not progress_bar, desc="analyze", unit="model")
-    init_cache, caches, runs = {}, {}, []
-    for name, setting in jobs:
-        card = model_card(name)
-        model = create_model(name, activation=setting.activation, norm=setting.norm)
-        x, labels = study_inputs(config, (card.input_size, card.input_size, getattr(model, "in_channels", 3)),
-                                 model.num_classes)
-        if variables_for is not None:
-            variables = variables_for(name, model, x)
-        else:
-            key = (twin_key(model), x.shape)
-            if key not in init_cache:
-                init_cache[key] = model.init(jax.random.key(config.seed), x)
-            variables = init_cache[key]
-        cache = caches.setdefault((setting.norm, setting.activation, setting.bn), SegmentCache())
-        bar.set_description(f"analyze {name} [{setting.label}]")
-        run = analyze_model(model, variables, x, labels, setting, config, cache,
-                            progress=lambda unit: bar.set_postfix_str(unit, refresh=False))
-        runs.append({"model": name, "family": card.family, "depth": _depth(name),
-                     "residual": bool(getattr(model, "residual", True)),
-                     "setting": dataclasses.asdict(setting), **run})
-        bar.update(1)
+    bar = tqdm(total=len(settings) * len(names), disable=not progress_bar, desc="analyze", unit="step")
+    init_cache, runs = {}, []
+    for setting in settings:
+        cache = SegmentCache()  # compiled unit code is shared by every model of a setting
+        pending = []
+        for name in names:
+            bar.set_description(f"analyze [{setting.label}] {name} end-to-end")
+            pending.append(_model_pass(name, setting, config, cache, init_cache, variables_for))
+            bar.update(1)
+        groups: dict[int, list] = {}
+        for r, (_, segments, _) in enumerate(pending):
+            for i in sorted(jacobian_unit_indices(len(segments), config.jacobian_units)):
+                groups.setdefault(id(segments[i].ops), []).append((r, i))
+        spectra = [(r, spectrum_unit_index(segments, config.spectrum_max_dim)) for r, (_, segments, _) in
+                   enumerate(pending)] if config.spectrum_max_dim else []
+        spectra = [(r, i) for r, i in spectra if i is not None]
+        bar.total += len(groups) + len(spectra)
+        bar.refresh()
+        for g, members in enumerate(groups.values()):
+            first = pending[members[0][0]][1][members[0][1]]
+            bar.set_description(f"analyze [{setting.label}] per-unit Jacobians: {len(members)} x {first.name}-like")
+            start = time.perf_counter()
+            measured = measure_group([(pending[r][1][i], pending[r][2][i]) for r, i in members],
+                                     [pending[r][0]["units"][i]["identity_shortcut"] for r, i in members],
+                                     setting.bn, config, config.seed + g)
+            share = (time.perf_counter() - start) / len(members)
+            for (r, i), result in zip(members, measured):
+                pending[r][0]["units"][i]["jacobian"] = result
+                pending[r][0]["seconds"] += share
+            bar.update(1)
+        for r, i in spectra:
+            run, segments, hs = pending[r]
+            bar.set_description(f"analyze [{setting.label}] exact spectrum {run['model']} {segments[i].name}")
+            start = time.perf_counter()
+            run["units"][i]["spectrum"] = exact_spectrum(segments[i], hs[i], setting.bn)
+            run["seconds"] += time.perf_counter() - start
+            bar.update(1)
+        for run, _, _ in pending:
+            run["summary"] = summarize(run["units"], run["shattered"]["correlation_by_lag"])
+            runs.append(run)
     bar.close()
     return {"config": dataclasses.asdict(config), "runs": runs}
 

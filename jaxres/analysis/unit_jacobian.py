@@ -183,11 +183,21 @@ def spectral_norm_lanczos(f, h, *, params=None, per_example: bool = True, tol: f
     """
     _check_tol(tol, max_iter)
     matvec, groups, m = _gram(f, params, h, per_example)
+    return lanczos_top(matvec, groups, m, tol=tol, max_iter=max_iter, seed=seed)
+
+
+def lanczos_top(matvec, groups: int, m: int, *, tol: float, max_iter: int, seed: int = 0) -> dict:
+    """Largest eigenvalue of `groups` independent PSD operators A_g = J_g^T J_g of size m,
+    by Lanczos run on all of them at once: `matvec(V)` maps (groups, m) float64 to the
+    (groups, m) products A_g v_g. Returns sigma = sqrt(theta) per group, the relative Ritz
+    residual, the number of steps and a per-group `converged` flag (see
+    `spectral_norm_lanczos`). Every step is one call of `matvec`, whatever `groups` is, so
+    many units of the same computation share each compiled call (`unit_groups`)."""
+    _check_tol(tol, max_iter)
     steps = min(max_iter, m)
     v, _ = _normalize(np.random.default_rng(seed).standard_normal((groups, m)))
     basis, alpha, beta = [v], [], []
-    theta = np.zeros(groups)
-    resid = np.full(groups, np.inf)
+    theta, resid = np.zeros(groups), np.full(groups, np.inf)
     done = np.zeros(groups, bool)
     k = 0
     while k < steps and not done.all():
@@ -201,11 +211,13 @@ def spectral_norm_lanczos(f, h, *, params=None, per_example: bool = True, tol: f
         basis.append(w)
         k += 1
         a, bb = np.stack(alpha, 1), np.stack(beta, 1)  # (G, k)
-        for g in range(groups):
-            t = np.diag(a[g]) + np.diag(bb[g, :-1], 1) + np.diag(bb[g, :-1], -1)
-            evals, evecs = np.linalg.eigh(t)
-            theta[g] = max(evals[-1], 0.0)
-            resid[g] = abs(bb[g, -1] * evecs[-1, -1]) / max(theta[g], 1e-300)
+        t = np.zeros((groups, k, k))  # the tridiagonal Lanczos matrices, all groups at once
+        t[:, np.arange(k), np.arange(k)] = a
+        t[:, np.arange(k - 1), np.arange(1, k)] = bb[:, :-1]
+        t[:, np.arange(1, k), np.arange(k - 1)] = bb[:, :-1]
+        evals, evecs = np.linalg.eigh(t)
+        theta = np.maximum(evals[:, -1], 0.0)
+        resid = np.abs(bb[:, -1] * evecs[:, -1, -1]) / np.maximum(theta, 1e-300)
         # an exhausted Krylov space (beta ~ 0) means the Ritz value is exact
         done = (resid <= tol) | (np.stack(beta, 1)[:, -1] <= 1e-6 * np.sqrt(np.maximum(theta, 1e-300)))
     return {"sigma": np.sqrt(theta), "residual": resid, "iterations": k, "converged": done}

@@ -1,8 +1,10 @@
 """`jaxres analyze`: the plain-vs-residual gradient-propagation study (see jaxres.analysis.study).
 
-Writes results.json (every per-unit number), norms.png, loss_grads.png, spectra.png and
-table.txt into --out; nothing is written until the study has finished, and each file is
-written to a temporary name and renamed, so an error leaves no partial file behind.
+Writes results.json (every per-unit number), norms.png, loss_grads.png, spectra.png,
+singular_values.png (exact spectra of d logits/d h), unit_spectra.png (exact unit spectra,
+when requested) and table.txt into --out; nothing is
+written until the study has finished, and each file is written to a temporary name and
+renamed, so an error leaves no partial file behind.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def run(args) -> int:
         models=_list(args.models), depths=_list(args.depths, int), norms=_list(args.norm),
         activations=_list(args.activation), bns=_list(args.bn), batch_size=args.batch_size,
         method=args.method, seed=args.seed, num_probes=args.num_probes, jacobian_units=args.jacobian_units,
+        spectrum_max_dim=args.spectrum_max_dim,
     )
     variables_for = None
     if args.checkpoint:
@@ -44,10 +47,13 @@ def run(args) -> int:
     plots.plot_norms(results, out / "norms.png", "logit_jac")
     plots.plot_norms(results, out / "loss_grads.png", "loss_grad")
     plots.plot_spectra(results, out / "spectra.png")
+    exact = plots.plot_exact_spectra(results, out / "singular_values.png")
+    units = plots.plot_exact_spectra(results, out / "unit_spectra.png", source="unit")
     report.atomic_write(out / "table.txt", lambda f: f.write((table + "\n").encode()))
     print(table)
     print(f"\n{len(results['runs'])} runs in {results['seconds']:.0f} s; wrote results.json, norms.png, "
-          f"loss_grads.png, spectra.png, table.txt to {out}/")
+          f"loss_grads.png, spectra.png, {'singular_values.png, ' if exact else ''}"
+          f"{'unit_spectra.png, ' if units else ''}table.txt to {out}/")
     return 0
 
 
@@ -67,16 +73,21 @@ def register(subparsers) -> None:
     parser.add_argument("--method", default="auto", choices=("auto", "exact", "estimate"),
                         help="per-unit Frobenius norms: exact (basis JVP/VJPs), estimate (Hutchinson), or "
                         "auto (exact when <= 256 products)")
-    parser.add_argument("--bn", default="batch",
+    parser.add_argument("--bn", default="eval,batch",
                         help="BatchNorm policies: eval (running stats) and/or batch (batch stats); at "
                         "initialization eval-mode BN is the identity, i.e. the same as --norm none "
                         "(default: %(default)s)")
-    parser.add_argument("--activation", default="relu", help="activations, e.g. relu,tanh (default: %(default)s)")
+    parser.add_argument("--activation", default="relu,tanh",
+                        help="activations, e.g. relu,tanh (default: %(default)s)")
     parser.add_argument("--norm", default="batchnorm,none", help="normalizations (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initialization/input/probe seed (default: 0)")
     parser.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per unit (default: 8)")
-    parser.add_argument("--jacobian-units", type=int, default=4,
-                        help="per-unit Jacobians on this many evenly spaced units per model, 0 = all (default: 4)")
+    parser.add_argument("--jacobian-units", type=int, default=0,
+                        help="per-unit Jacobians on this many evenly spaced units per model, 0 = all (default: 0)")
+    parser.add_argument("--spectrum-max-dim", type=int, default=0,
+                        help="exact SVD spectrum of each model's last shape-keeping unit if its input has "
+                        "<= this many values per example, e.g. 4096 for the 8x8x64 stage-3 units (30-60 s "
+                        "per unit on 2 CPU cores); 0 = none (default: 0)")
     parser.add_argument("--out", default="runs/analyze", help="output directory (default: %(default)s)")
     parser.add_argument("--checkpoint", default=None,
                         help="orbax checkpoint directory with 'params' (+ 'batch_stats') to analyze trained "
