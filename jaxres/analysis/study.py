@@ -70,7 +70,11 @@ class StudyConfig:
     seed: int = 0
     num_probes: int = 8
     jacobian_examples: int = 1  # bn="eval": per-unit Jacobians on the first few examples
-    jacobian_units: int = 0  # per-unit Jacobians on this many evenly spaced units (0: all)
+    # Per-unit Jacobians on this many evenly spaced inner units per model (0: all). All units
+    # of the full grid took > 15 min on the shared 2-core CPU (bn="batch" stage-1 groups: 30
+    # units x a 65,536-dim batch map each), so the demo samples 4 per model (first and last
+    # inner units included).
+    jacobian_units: int = 4
     # exact SVD spectrum of each model's last shape-keeping unit with <= this many input values
     # per example (4096: the 8x8x64 stage-3 units, a 4096 x 4096 J); 0: none. Off by default:
     # one such SVD took 30-60 s on the 2-core CPU (measured), more than the whole demo budget
