@@ -98,11 +98,9 @@ class UnitOps:
     ops: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        # Stable functions of (params, h) with params = (cvars, pert), for the Jacobian
+        # A stable function of (params, h) with params = (cvars, pert), for the Jacobian
         # routines, which cache compiled code per function object.
         self.map = lambda params, h: self.fn(params[0], params[1], h)
-        self.branch_map = lambda params, h: last_probe(self.capture_fn(params[0], h)[1])
-        self.sum_map = lambda params, h: h + self.branch_map(params, h)
 
     def op(self, kind: str, build: Callable[[Callable, Callable], Callable]) -> Callable:
         """The compiled op `kind`, built once per distinct unit by `build(fn, capture_fn)`."""
