@@ -71,9 +71,9 @@ class StudyConfig:
     num_probes: int = 8
     jacobian_examples: int = 1  # bn="eval": per-unit Jacobians on the first few examples
     # Per-unit Jacobians on this many evenly spaced inner units per model (0: all). All units
-    # of the full grid took > 15 min on the shared 2-core CPU (bn="batch" stage-1 groups: 30
-    # units x a 65,536-dim batch map each), so the demo samples 4 per model (first and last
-    # inner units included).
+    # of the full grid would take well over 10 min on the 2-core CPU (measured: one bn="batch"
+    # group of 30 stage-1 units, each a 65,536-dim batch map, ran > 1 min), so the demo samples
+    # 4 per model (first and last inner units included).
     jacobian_units: int = 4
     # exact SVD spectrum of each model's last shape-keeping unit with <= this many input values
     # per example (4096: the 8x8x64 stage-3 units, a 4096 x 4096 J); 0: none. Off by default:

@@ -84,7 +84,7 @@ def register(subparsers) -> None:
     parser.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per unit (default: 8)")
     parser.add_argument("--jacobian-units", type=int, default=4,
                         help="per-unit Jacobians on this many evenly spaced units per model, 0 = all (default: 4; "
-                        "all units of the full grid take > 15 min on 2 CPU cores)")
+                        "all units of the full grid take well over 10 min on 2 CPU cores)")
     parser.add_argument("--spectrum-max-dim", type=int, default=0,
                         help="exact SVD spectrum of each model's last shape-keeping unit if its input has "
                         "<= this many values per example, e.g. 4096 for the 8x8x64 stage-3 units (30-60 s "
