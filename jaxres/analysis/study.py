@@ -303,7 +303,20 @@ def run_study(config: StudyConfig = StudyConfig(), variables_for: Callable | Non
             run["summary"] = summarize(run["units"], run["shattered"]["correlation_by_lag"])
             runs.append(run)
     bar.close()
-    return {"config": dataclasses.asdict(config), "runs": runs}
+    return {"config": dataclasses.asdict(config), "runs": runs, "reductions": reductions(config)}
+
+
+def reductions(config: StudyConfig) -> list[str]:
+    """What this configuration leaves out, in words (written to results.json)."""
+    out = [f"synthetic batch of {config.batch_size} inputs"]
+    if config.jacobian_units:
+        out.append(f"per-unit Jacobians on {config.jacobian_units} evenly spaced inner units per model "
+                   f"(jacobian_units=0: all)")
+    if "eval" in config.bns or "none" in config.norms:
+        out.append(f"bn='eval'/no-norm per-unit Jacobians on the first {config.jacobian_examples} example(s)")
+    if not config.spectrum_max_dim:
+        out.append("no exact unit-Jacobian spectra (spectrum_max_dim=0); exact spectra of d logits/d h only")
+    return out
 
 
 def _depth(name: str) -> int | None:
