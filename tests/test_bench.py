@@ -42,6 +42,10 @@ def test_bad_arguments_fail_before_compiling(capsys):
         check_dtype("float64", "cpu")
     with pytest.raises(ValueError, match="TPUs have no float16"):
         check_dtype("float16", "tpu")
+    assert main(["bench", "cifar_resnet20", "--remat"]) == 2
+    assert "pass it together with --scan" in capsys.readouterr().err
+    assert main(["bench", "vgg11", "--scan"]) == 2
+    assert "vgg11 is a VGG" in capsys.readouterr().err
 
 
 def test_peak_tables():

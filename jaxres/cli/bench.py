@@ -28,15 +28,28 @@ def format_rows(rows, header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def execution_overrides(args) -> dict:
+    """--scan/--remat as model fields; they exist on ResNets only."""
+    if args.remat and not args.scan:
+        raise ValueError("--remat rematerializes scanned blocks: pass it together with --scan")
+    if not args.scan:
+        return {}
+    for name in args.models:
+        if model_card(name).family.endswith("vgg"):
+            raise ValueError(f"--scan applies to ResNets; {name} is a VGG (drop --scan for it)")
+    return {"scan_units": True, "remat_units": args.remat}
+
+
 def run(args) -> int:
     rows = []
     for name in args.models:
         model_card(name)  # unknown names fail before anything compiles
+    overrides = execution_overrides(args)
     print(format_rows([]), flush=True)
     for name in args.models:
         row = bench_train_step(name, batch_size=args.batch_size, dtype=args.dtype, driver=args.driver,
                                steps=args.steps, warmup=args.warmup, input_size=args.input_size,
-                               peak_tflops=args.peak_tflops)
+                               peak_tflops=args.peak_tflops, **overrides)
         rows.append(row)
         if args.torch:
             from jaxres.bench.torch_reference import bench_torch_train_step
@@ -84,6 +97,9 @@ def register(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
     parser.add_argument("--input-size", type=int, help="square input side (default: the model's)")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU, overriding the built-in table")
+    parser.add_argument("--scan", action="store_true",
+                        help="ResNets: run identical consecutive blocks with one lax.scan (scan_units=True)")
+    parser.add_argument("--remat", action="store_true", help="with --scan: rematerialize each scanned block")
     parser.add_argument("--torch", action="store_true", help="also time the same step in PyTorch/torchvision")
     parser.add_argument("--pipeline", metavar="DATASET", help="also time the host input pipeline alone")
     parser.add_argument("--data-dir", help="TFDS data dir for --pipeline")

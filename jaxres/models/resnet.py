@@ -241,6 +241,10 @@ class ResNet(UnitModel):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None  # synchronized BatchNorm over this mapped axis (training)
+    # Execution only (same variables, same numbers): run identical consecutive blocks with one
+    # lax.scan (bounded compile time for deep nets), optionally rematerialized (memory).
+    scan_units: bool = False
+    remat_units: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

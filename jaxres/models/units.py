@@ -18,6 +18,7 @@ addition) is a probe named `layer1`, `layer2`, ...; unit outputs are probes name
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -77,13 +78,71 @@ class UnitModel(nn.Module):
         first, last = self.unit_range(start, stop)
         check_input(x, specs[first])
         outputs = {}
-        for spec in specs[first : last + 1]:
+        groups = identical_runs(specs[first : last + 1]) if self.scanning(capture) else [[s] for s in specs[first : last + 1]]
+        for group in groups:
+            if len(group) > 1:
+                x = self.scan_units_run(group, x, train)
+                continue
+            spec = group[0]
             x = spec.build(name=spec.name)(x)
             if spec.name != "head":
                 x = probe(self, f"out_{spec.name}", x)
             if capture:
                 outputs[spec.name] = x
         return (x, outputs) if capture else x
+
+    def scanning(self, capture: bool) -> bool:
+        """Scan runs of identical units only for plain forward/training passes: initialization
+        creates every unit's variables, and the probes (capture, intermediates, perturbations)
+        need each unit traced on its own."""
+        return bool(getattr(self, "scan_units", False)) and not (
+            capture or self.is_initializing() or self.is_mutable_collection("intermediates")
+            or self.is_mutable_collection("perturbations") or "perturbations" in self.variables
+        )
+
+    def scan_units_run(self, group: Sequence[UnitSpec], x, train: bool):
+        """Applies identical units with one `lax.scan` over their stacked variables, so XLA
+        compiles one unit per run instead of hundreds (cifar_resnet1202 has runs of 199).
+        The variable layout stays `unit_k`: stacking happens here, per call."""
+        names = [spec.name for spec in group]
+        unit = group[0].build(parent=None)  # unbound: applied functionally to each slice
+        stacked = {
+            col: jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *(tree[n] for n in names))
+            for col, tree in self.variables.items() if all(n in tree for n in names)
+        }
+
+        def body(h, variables):
+            if not train:
+                return unit.apply(variables, h), None
+            out, updates = unit.apply(variables, h, mutable=["batch_stats"])
+            return out, updates.get("batch_stats")
+
+        if getattr(self, "remat_units", False):
+            body = jax.checkpoint(body)  # keep one unit's activations per step, recompute the rest
+        x, stats = jax.lax.scan(body, x, stacked)
+        if stats:
+            for i, name in enumerate(names):
+                self.put_variable("batch_stats", name, jax.tree.map(lambda s: s[i], stats))
+        return x
+
+
+def identical_runs(specs: Sequence[UnitSpec]) -> list[list[UnitSpec]]:
+    """Consecutive units built by the same class with the same arguments, grouped."""
+    def key(spec):
+        build = spec.build
+        if not isinstance(build, functools.partial):
+            return None
+        return (build.func, tuple(build.args), tuple(sorted(build.keywords.items(), key=lambda kv: kv[0])),
+                spec.in_channels)
+
+    groups: list[list[UnitSpec]] = []
+    for spec in specs:
+        k = key(spec)
+        if groups and k is not None and key(groups[-1][0]) == k:
+            groups[-1].append(spec)
+        else:
+            groups.append([spec])
+    return groups
 
 
 def check_input(x, spec: UnitSpec) -> None:
