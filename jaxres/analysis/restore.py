@@ -18,6 +18,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxres.models import unstack_identical_units
+
 
 def find_pytree_dir(path) -> Path:
     """The directory holding one saved pytree, following the layout in the module docstring."""
@@ -61,6 +63,8 @@ def restore_variables(path) -> dict:
 def check_variables(model, variables, x, name: str = "model") -> dict:
     """Compares `variables` with the model's own tree at input `x`; a ValueError lists every
     missing, unexpected or mis-shaped entry at once."""
+    # scan_units training runs save runs of identical blocks stacked; the analysis reads units.
+    variables = unstack_identical_units(model, variables)
     expected = jax.eval_shape(model.init, jax.random.key(0), x)
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(dict(expected))[0]}
     got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}

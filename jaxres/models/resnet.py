@@ -241,8 +241,9 @@ class ResNet(UnitModel):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None  # synchronized BatchNorm over this mapped axis (training)
-    # Execution only (same variables, same numbers): run identical consecutive blocks with one
-    # lax.scan (bounded compile time for deep nets), optionally rematerialized (memory).
+    # Execution only (same numbers): run identical consecutive blocks with one lax.scan
+    # (bounded compile time for deep nets), optionally rematerialized (memory). Reads per-unit
+    # or stacked variables (scan_layout); training states keep them stacked.
     scan_units: bool = False
     remat_units: bool = False
     dtype: Any = jnp.float32

@@ -18,13 +18,13 @@ addition) is a probe named `layer1`, `layer2`, ...; unit outputs are probes name
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
 import jax
 from flax import linen as nn
 
 from jaxres.models.layers import closest_names, probe
+from jaxres.models.scan_layout import identical_runs, is_stacked, locate_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +77,18 @@ class UnitModel(nn.Module):
         specs = self.unit_specs(train)
         first, last = self.unit_range(start, stop)
         check_input(x, specs[first])
+        scanning = self.scanning(capture)
+        if not scanning and is_stacked(self.variables):
+            raise ValueError(
+                "these variables hold runs of identical units stacked (the scan_units training layout), "
+                "which only the plain forward or training pass of a scan_units=True model reads; to "
+                "capture outputs, read probes or run units one by one, convert them first with "
+                "jaxres.models.unstack_identical_units(model, variables)"
+            )
         outputs = {}
-        groups = identical_runs(specs[first : last + 1]) if self.scanning(capture) else [[s] for s in specs[first : last + 1]]
+        groups = identical_runs(specs[first : last + 1]) if scanning else [[s] for s in specs[first : last + 1]]
         for group in groups:
-            if len(group) > 1:
+            if len(group) > 1 or (scanning and self.stored_run(group) is not None):
                 x = self.scan_units_run(group, x, train)
                 continue
             spec = group[0]
@@ -100,16 +108,30 @@ class UnitModel(nn.Module):
             or self.is_mutable_collection("perturbations") or "perturbations" in self.variables
         )
 
+    def stored_run(self, group: Sequence[UnitSpec]) -> tuple[str, int] | None:
+        """(key, offset of group[0]) of the stacked run holding `group`'s variables, if stored so."""
+        if not is_stacked(self.variables):
+            return None
+        found = locate_run(self, [spec.name for spec in group])
+        return found if found is not None and found[0] in self.variables.get("params", {}) else None
+
     def scan_units_run(self, group: Sequence[UnitSpec], x, train: bool):
         """Applies identical units with one `lax.scan` over their stacked variables, so XLA
         compiles one unit per run instead of hundreds (cifar_resnet1202 has runs of 199).
-        The variable layout stays `unit_k`: stacking happens here, per call."""
+        Reads either layout (see `scan_layout`): the stacked one as stored, the per-unit one
+        stacked here, per call."""
         names = [spec.name for spec in group]
         unit = group[0].build(parent=None)  # unbound: applied functionally to each slice
-        stacked = {
-            col: jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *(tree[n] for n in names))
-            for col, tree in self.variables.items() if all(n in tree for n in names)
-        }
+        key, offset = self.stored_run(group) or (None, 0)
+        n = len(names)
+        if key is not None:
+            stacked = {col: jax.tree.map(lambda a: a[offset : offset + n], tree[key])
+                       for col, tree in self.variables.items() if key in tree}
+        else:
+            stacked = {
+                col: jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *(tree[name] for name in names))
+                for col, tree in self.variables.items() if all(name in tree for name in names)
+            }
 
         def body(h, variables):
             if not train:
@@ -120,29 +142,13 @@ class UnitModel(nn.Module):
         if getattr(self, "remat_units", False):
             body = jax.checkpoint(body)  # keep one unit's activations per step, recompute the rest
         x, stats = jax.lax.scan(body, x, stacked)
-        if stats:
+        if stats and key is not None:
+            old = self.variables["batch_stats"][key]
+            self.put_variable("batch_stats", key, jax.tree.map(lambda a, s: a.at[offset : offset + n].set(s), old, stats))
+        elif stats:
             for i, name in enumerate(names):
                 self.put_variable("batch_stats", name, jax.tree.map(lambda s: s[i], stats))
         return x
-
-
-def identical_runs(specs: Sequence[UnitSpec]) -> list[list[UnitSpec]]:
-    """Consecutive units built by the same class with the same arguments, grouped."""
-    def key(spec):
-        build = spec.build
-        if not isinstance(build, functools.partial):
-            return None
-        return (build.func, tuple(build.args), tuple(sorted(build.keywords.items(), key=lambda kv: kv[0])),
-                spec.in_channels)
-
-    groups: list[list[UnitSpec]] = []
-    for spec in specs:
-        k = key(spec)
-        if groups and k is not None and key(groups[-1][0]) == k:
-            groups[-1].append(spec)
-        else:
-            groups.append([spec])
-    return groups
 
 
 def check_input(x, spec: UnitSpec) -> None:

@@ -10,6 +10,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from jaxres.models import stack_identical_units
+
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState (step, params, opt_state; static apply_fn, tx) plus:
@@ -35,9 +37,18 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...], loss_scale=None) -> TrainState:
     """Initializes `model` on a zero batch of `input_shape` (N, H, W, C) and wraps it with
     the optimizer `tx`. `rng` (a raw uint32 key) seeds the parameters and, folded, dropout.
-    `loss_scale` (a precision.DynamicLossScale) turns on dynamic loss scaling (float16)."""
+    `loss_scale` (a precision.DynamicLossScale) turns on dynamic loss scaling (float16).
+    A `scan_units=True` model's variables are kept in the stacked layout
+    (`jaxres.models.stack_identical_units`)."""
     init_rng, run_rng = jax.random.split(rng)
-    variables = jax.jit(lambda key: model.init(key, jnp.zeros(input_shape, jnp.float32), False))(init_rng)
+
+    def init(key):
+        variables = model.init(key, jnp.zeros(input_shape, jnp.float32), False)
+        # scan_units models train on the stacked layout: a few arrays per run of identical
+        # blocks instead of one per block keeps deep nets' steps quick to compile.
+        return stack_identical_units(model, variables) if getattr(model, "scan_units", False) else variables
+
+    variables = jax.jit(init)(init_rng)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
