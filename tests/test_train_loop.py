@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
+from jaxres.analysis.restore import check_variables, restore_variables
 from jaxres.cli import main
 from jaxres.cli.train import split_overrides
+from jaxres.models import unstack_identical_units
 from jaxres.train import NonFiniteLossError, apply_overrides, evaluate_workdir, load_config, train_and_evaluate
 from jaxres.train.checkpoint import Checkpoints
 from jaxres.train.loop import Run
@@ -131,7 +133,7 @@ def test_config_overrides_are_typed_and_checked():
     assert config.num_steps == 100 and config.learning_rate == 1.0 and config.nesterov is True
     with pytest.raises(ValueError, match=r"no field 'num_step'.*did you mean 'num_steps'"):
         apply_overrides(config, ["--config.num_step=3"])
-    with pytest.raises(ValueError, match="resnet or plain"):
+    with pytest.raises(ValueError, match=r"resnet \+ one of .* or plain \+ one of"):
         load_config("experiments/configs/cifar10.py:resnet50")
     assert split_overrides(["--workdir", "w", "--config.a=1", "--config.b", "2"]) == (
         ["--config.a=1", "--config.b", "2"], ["--workdir", "w"])
@@ -155,3 +157,31 @@ def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
                  f"--config.data_dir={tmp_path}"])
     assert code == 2
     assert "not prepared" in capsys.readouterr().err
+
+
+def test_scanned_blocks_train_checkpoint_and_analyze_like_unrolled(tmp_path):
+    # model_overrides.scan_units (what the resnet1202 recipe sets): checkpoints hold the stacked
+    # layout, the numbers are the unrolled run's, and the analysis reads the workdir per unit.
+    trees = {}
+    for scan in (False, True):
+        config = tiny_config()
+        apply_overrides(config, ["--config.model_overrides.stage_sizes=(2, 2, 2)",
+                                 f"--config.model_overrides.scan_units={scan}"])
+        train_and_evaluate(config, tmp_path / str(scan), report=lambda *_: None)
+        trees[scan] = final_tree(tmp_path / str(scan), config, 4)[0]
+        model = Run(config, need_train=False).state.model
+    assert "unit_1..unit_2" in trees[True]["params"] and "unit_1" in trees[False]["params"]
+    variables = {k: trees[True][k] for k in ("params", "batch_stats")}
+    unstacked = unstack_identical_units(model, variables)
+    for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves({k: trees[False][k] for k in ("params", "batch_stats")})):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    restored = check_variables(model.clone(scan_units=False), restore_variables(tmp_path / "True"), np.zeros((1, 32, 32, 3), np.float32))
+    assert jax.tree.structure(restored) == jax.tree.structure(jax.tree.map(np.asarray, unstacked))
+
+
+def test_resnet1202_recipe_scans_its_blocks():
+    c = load_config("experiments/configs/cifar10.py:resnet1202")
+    assert c.model == "cifar_resnet1202" and c.model_overrides.scan_units is True
+    assert c.learning_rate == 0.01 and c.lr_boundaries["400"] == 10.0  # warm-up as for depth 110
+    with pytest.raises(ValueError, match=r"resnet \+ one of .* or plain \+ one of"):
+        load_config("experiments/configs/cifar10.py:plain1202")
