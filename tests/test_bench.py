@@ -6,7 +6,7 @@ import pytest
 
 from jaxres.bench import bench_train_step, training_flops
 from jaxres.bench.peaks import ACCELERATOR_PEAKS, cpu_peak_flops
-from jaxres.bench.train_step import check_dtype
+from jaxres.train.precision import compute_dtype
 from jaxres.cli import main
 
 
@@ -39,9 +39,9 @@ def test_bad_arguments_fail_before_compiling(capsys):
     assert main(["bench", "resnet5O"]) == 2
     assert "unknown model 'resnet5O'; did you mean 'resnet50'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown compute dtype 'float64'"):
-        check_dtype("float64", "cpu")
+        compute_dtype("float64", "cpu")
     with pytest.raises(ValueError, match="TPUs have no float16"):
-        check_dtype("float16", "tpu")
+        compute_dtype("float16", "tpu")
     assert main(["bench", "cifar_resnet20", "--remat"]) == 2
     assert "pass it together with --scan" in capsys.readouterr().err
     assert main(["bench", "vgg11", "--scan"]) == 2

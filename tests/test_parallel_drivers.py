@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -65,6 +66,50 @@ def test_two_processes_of_two_devices_agree_with_one_device(driver, single):
     assert [r["processes"] for r in results] == [2, 2] and results[0]["devices"] == 4
     assert results[0]["variables"] == results[1]["variables"]  # both hosts hold the same state
     assert_same_training(results[0], single)
+
+
+@pytest.mark.slow
+def test_two_process_training_job_checkpoints_collectively_and_resumes(tmp_path):
+    """`jaxres train` on 2 processes x 2 CPU devices into one workdir: orbax writes each
+    checkpoint once for the job, one process can read it, and the job resumes from it.
+    (Numerics across device counts: the driver tests above. Each host shuffles its own share
+    of the data, so the batches depend on the number of processes.)"""
+    from jaxres.train.checkpoint import Checkpoints
+    from jaxres.train.loop import Run
+    from jaxres.train.state import checkpoint_tree
+    from tests.test_train_loop import tiny_config
+
+    cli = "import sys; from jaxres.cli import main; sys.exit(main(sys.argv[1:]))"
+
+    def job(num_steps):
+        port = free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-c", cli, "train", "--config", "experiments/configs/synthetic.py", "--workdir",
+             str(tmp_path), "--config.model_overrides.widths=(4, 8, 16)", "--config.batch_size=16",
+             f"--config.num_steps={num_steps}", "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0",
+             "--config.log_every_steps=1", "--config.progress_bar=False", "--config.num_data_threads=1"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAXRES_COORDINATOR": f"127.0.0.1:{port}",
+                 "JAXRES_NUM_PROCESSES": "2", "JAXRES_PROCESS_ID": str(pid)}) for pid in range(2)]
+        outputs = [proc.communicate(timeout=600) for proc in procs]
+        for proc, (_, err) in zip(procs, outputs):
+            assert proc.returncode == 0, err[-3000:]
+        return [out + err for out, err in outputs]
+
+    job(4)
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    assert ckpts.steps() == [2, 4]
+    saved = ckpts.restore(4, checkpoint_tree(Run(tiny_config(), need_train=False).state))[0]
+    ckpts.close()
+    assert int(saved["step"]) == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+    logs = job(6)
+    assert all("resumed from checkpoint 4" in log for log in logs), logs[0][-2000:]
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    assert ckpts.steps() == [2, 4, 6]
+    ckpts.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # process 0 logs once per step, across the restart
 
 
 def test_global_batch_must_split_evenly():

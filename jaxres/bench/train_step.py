@@ -16,18 +16,10 @@ import optax
 
 from jaxres.bench.peaks import peak_flops
 from jaxres.models import count_macs, create_model, model_card
-from jaxres.models.layers import pick
 from jaxres.parallel import check_batch_size, make_driver
-from jaxres.train.precision import COMPUTE_DTYPES as DTYPES
+from jaxres.train.precision import COMPUTE_DTYPES as DTYPES, compute_dtype
 from jaxres.train.state import create_train_state
 
-
-
-def check_dtype(dtype: str, platform: str) -> None:
-    """Refuses, before any compile, a compute dtype the platform cannot run."""
-    pick("compute dtype", dtype, DTYPES)
-    if dtype == "float16" and platform == "tpu":
-        raise ValueError("TPUs have no float16 arithmetic; use --dtype bfloat16")
 
 
 def training_flops(macs_per_example: int, batch_size: int) -> float:
@@ -59,7 +51,7 @@ def bench_train_step(name: str, *, batch_size: int, dtype: str = "float32", driv
     """Benchmarks one training step of registry model `name`; returns one result row."""
     card = model_card(name)
     size = input_size or card.input_size
-    check_dtype(dtype, jax.devices()[0].platform)
+    compute_dtype(dtype, jax.devices()[0].platform)
     drv = make_driver(driver)
     check_batch_size(batch_size, drv.num_devices)
     model = create_model(name, dtype=DTYPES[dtype], **overrides)

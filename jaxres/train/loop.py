@@ -43,7 +43,7 @@ def build_model(config, spec: data.DatasetSpec):
     overrides = dict(config.model_overrides.to_dict()) if config.model_overrides else {}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     overrides.setdefault("in_channels", spec.channels)
-    overrides.setdefault("dtype", precision.compute_dtype(config.dtype))
+    overrides.setdefault("dtype", precision.compute_dtype(config.dtype, jax.devices()[0].platform))
     overrides.setdefault("num_classes", spec.num_classes)
     classes = {"ResNet": models.ResNet, "VGG": models.VGG}
     if config.model in classes:
@@ -170,7 +170,9 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
     if restored is not None:
         step0, tree, data_state, saved_config, _ = restored
         check_resumable(saved_config, config, workdir)
-        state = state.replace(**tree)
+        # Host copies: orbax hands back arrays committed to this process's first device, which a
+        # multi-process driver could only place on the global mesh by cross-host transfers.
+        state = state.replace(**jax.device_get(tree))
         batches.set_state(data_state)
         report(f"resumed from checkpoint {step0} in {ckpts.directory}")
     best_meta = best.restore_latest_good(checkpoint_tree(state), report=report) if best.steps() else None

@@ -19,8 +19,12 @@ from jaxres.models.layers import pick
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def compute_dtype(name: str):
-    return pick("compute dtype", name, COMPUTE_DTYPES)
+def compute_dtype(name: str, platform: str | None = None):
+    """The jnp dtype called `name`; refuses, before any compile, one `platform` cannot run."""
+    dtype = pick("compute dtype", name, COMPUTE_DTYPES)
+    if name == "float16" and platform == "tpu":
+        raise ValueError("TPUs have no float16 arithmetic; use the compute dtype bfloat16")
+    return dtype
 
 
 class DynamicLossScale(struct.PyTreeNode):
