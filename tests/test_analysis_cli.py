@@ -132,6 +132,31 @@ def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
     assert "cifar_resnet20" in capsys.readouterr().out
 
 
+def test_bad_workers_count_is_named_before_any_work():
+    from jaxres.analysis.study import run_study
+
+    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+        run_study(StudyConfig(models=("cifar_resnet20",), depths=(20,)), progress_bar=False, workers=0)
+
+
+@pytest.mark.slow
+def test_settings_in_threads_give_the_same_numbers_as_one_by_one():
+    """Settings run concurrently (one thread each) with their own seeds and compiled code: every
+    reported number is bit-identical to the sequential study, and runs keep the config's order."""
+    from jaxres.analysis.study import run_study
+
+    config = StudyConfig(models=("cifar_resnet20",), depths=(20,), norms=("none",), activations=("relu", "tanh"),
+                         batch_size=2, jacobian_units=2, num_probes=4, max_iter=8)
+
+    def numbers(results):
+        return [{k: v for k, v in run.items() if k != "seconds"} for run in results["runs"]]
+
+    one_by_one = run_study(config, progress_bar=False, workers=1)
+    threaded = run_study(config, progress_bar=False, workers=2)
+    assert [r["setting"]["activation"] for r in threaded["runs"]] == ["relu", "tanh"]
+    assert numbers(threaded) == numbers(one_by_one)
+
+
 def test_checkpoint_from_a_jaxres_train_workdir(tmp_path, saved_checkpoint):
     """The layout `jaxres train` writes: WORKDIR/checkpoints/<step>/{state,data,config,meta}."""
     from jaxres.train.checkpoint import Checkpoints

@@ -30,8 +30,12 @@ from jaxres.models.layers import pick
 
 BN_POLICIES = {"eval": False, "batch": True}  # policy -> `train` flag of model.apply
 # Unit ops are small (one block at a small batch) and the study is compile-bound: XLA's
-# backend optimization level 0 halves their compile time on CPU (a basic block's backward op:
-# 1.30 -> 0.67 s) for slower code (28 -> 57 ms per call); measured on the 2-core CPU.
+# backend optimization level 0 compiles faster (a basic block's backward op at batch 4,
+# bn="batch": 0.40 s instead of 0.53 s) for slower code (19 ms instead of 7.7 ms per call),
+# measured on the 2-core CPU. The default level would pay off for the blocks repeated along a
+# stage, but it changes float rounding, and the deep plain BN-batch nets amplify rounding
+# chaotically (cifar_plain110, BN-batch ReLU: 14% on d logits/d x, 1% on the loss), so the
+# study keeps one level for all of its numbers.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 _DROPOUT_KEY = 0
 
@@ -73,20 +77,25 @@ def run_unit(model, name: str, bn: str, cvars: dict, h, perturbations=None, capt
     return out, {probe: value[0] for probe, value in sown.items()}
 
 
-def perturbation_template(model, name: str, bn: str, cvars: dict, h) -> dict:
-    """Zero perturbations for unit `name`: `{"inner": {probe: zeros}, "out": zeros | None}`."""
+def trace_unit(model, name: str, bn: str, cvars: dict, h) -> tuple:
+    """One trace of unit `name` on the abstract NHWC batch `h`, its layer probes creating
+    their zero perturbations: `(jaxpr, out ShapeDtypeStruct, zero perturbations
+    {"inner": {probe: zeros}, "out": zeros | None})`. The jaxpr identifies the computation
+    (see `SegmentCache`); one trace serves both, tracing being a large share of the study."""
     train = check_bn(bn)
-    variables = {col: {name: sub} for col, sub in cvars.items()}
     mutable = ["perturbations"] + (["batch_stats"] if train and "batch_stats" in cvars else [])
     rngs = {"dropout": jax.random.key(_DROPOUT_KEY)} if train else None
-    shapes = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train, start=name, stop=name, mutable=mutable, rngs=rngs)[1],
-        variables, h,
-    ).get("perturbations", {})
+
+    def apply(cv, x):
+        variables = {col: {name: sub} for col, sub in cv.items()}
+        out, state = model.apply(variables, x, train, start=name, stop=name, mutable=mutable, rngs=rngs)
+        return out, state.get("perturbations", {})
+
+    jaxpr, (out, shapes) = jax.make_jaxpr(apply, return_shape=True)(cvars, h)
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
     inner = {k: zeros(s) for k, s in shapes.get(name, {}).items()}
-    out = shapes.get(f"out_{name}")
-    return {"inner": inner, "out": None if out is None else zeros(out)}
+    out_probe = shapes.get(f"out_{name}")
+    return jaxpr, out, {"inner": inner, "out": None if out_probe is None else zeros(out_probe)}
 
 
 @dataclasses.dataclass
@@ -152,7 +161,7 @@ class SegmentCache:
         segments = []
         for name in model.unit_names():
             cvars = unit_variables(variables, name)
-            pert = perturbation_template(model, name, bn, cvars, h)
+            jaxpr, out, pert = trace_unit(model, name, bn, cvars, h)
 
             def fn(cv, p, x, _name=name):
                 return run_unit(model, _name, bn, cv, x, p)
@@ -160,10 +169,8 @@ class SegmentCache:
             def capture_fn(cv, x, _name=name):
                 return run_unit(model, _name, bn, cv, x, capture=True)
 
-            jaxpr = jax.make_jaxpr(fn)(cvars, pert, h)
             key = (jax.tree.structure((cvars, pert)), str(jaxpr))
             ops = self._ops.setdefault(key, UnitOps(fn, capture_fn))
-            out = jaxpr.out_avals[0]
             segments.append(Segment(name, cvars, pert, tuple(h.shape), tuple(out.shape), ops))
             h = jax.ShapeDtypeStruct(out.shape, out.dtype)
         return segments

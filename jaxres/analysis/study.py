@@ -18,10 +18,14 @@ this equals the plain net's own initialization, and the comparison is controlled
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import math
+import os
 import re
+import threading
 import time
 from typing import Callable
 
@@ -194,8 +198,7 @@ def study_inputs(config: StudyConfig, input_shape=(32, 32, 3), num_classes: int 
     return x, labels
 
 
-def _model_pass(name: str, setting: Setting, config: StudyConfig, cache: SegmentCache, init_cache: dict,
-                variables_for: Callable | None):
+def _model_pass(name: str, setting: Setting, config: StudyConfig, cache: SegmentCache, variables_for: Callable):
     """End-to-end norms, forward stats and gradient correlations of one model (exact);
     returns the run (per-unit `jacobian` still None), its segments and unit inputs."""
     start = time.perf_counter()
@@ -203,13 +206,7 @@ def _model_pass(name: str, setting: Setting, config: StudyConfig, cache: Segment
     model = create_model(name, activation=setting.activation, norm=setting.norm)
     x, labels = study_inputs(config, (card.input_size, card.input_size, getattr(model, "in_channels", 3)),
                              model.num_classes)
-    if variables_for is not None:
-        variables = variables_for(name, model, x)
-    else:
-        key = (twin_key(model), x.shape)
-        if key not in init_cache:
-            init_cache[key] = model.init(jax.random.key(config.seed), x)
-        variables = init_cache[key]
+    variables = variables_for(name, model, x)
     e2e = end_to_end_norms(model, variables, x, labels, bn=setting.bn, cache=cache, return_input_grads=True,
                            return_activations=True)
     activation = ACTIVATIONS.get(getattr(model, "activation", None))
@@ -249,61 +246,135 @@ def spectrum_unit_index(segments, max_dim: int) -> int | None:
     return None
 
 
+class _SharedInit:
+    """Initial variables per (twin, input shape), computed once even when several settings
+    ask at the same time from different threads (the others wait for the first)."""
+
+    def __init__(self, seed: int):
+        self._seed, self._values, self._locks, self._lock = seed, {}, {}, threading.Lock()
+
+    def __call__(self, name, model, x):
+        key = (twin_key(model), x.shape)
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._values:
+                self._values[key] = model.init(jax.random.key(self._seed), x)
+            return self._values[key]
+
+
+class _Progress:
+    """A tqdm bar that several setting threads update (its total grows as groups are found)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, disable=not enabled, desc="analyze", unit="step")
+        self._lock = threading.Lock()
+
+    def describe(self, description: str):
+        """What a thread starts now (the bar shows the latest)."""
+        with self._lock:
+            self._bar.set_description(description)
+
+    def step(self, extra_total: int = 0, done: int = 1):
+        with self._lock:
+            self._bar.total += extra_total
+            self._bar.update(done)
+
+    def close(self):
+        self._bar.close()
+
+
+def default_workers(num_settings: int) -> int:
+    """Settings run concurrently, one thread each, up to the machine's cores: a setting's
+    compiles and runs release the GIL, so two settings keep both cores of a 2-core CPU busy
+    (one setting alone keeps about one core busy: it is mostly single-threaded XLA compiles)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, num_settings))
+
+
+def setting_cost_rank(setting: Setting) -> int:
+    """0 for the costliest settings: BatchNorm with batch statistics (every per-unit Jacobian is
+    a batch map, about 3x the per-example work), then BatchNorm eval, then no normalization."""
+    return 0 if setting.norm == "batchnorm" and setting.bn == "batch" else 1 if setting.norm == "batchnorm" else 2
+
+
 def run_study(config: StudyConfig = StudyConfig(), variables_for: Callable | None = None,
-              progress_bar: bool = True) -> dict:
+              progress_bar: bool = True, workers: int | None = None) -> dict:
     """Runs the study; returns `{"config", "runs": [...]}` (see `report.write_results`).
 
     Per setting: one exact end-to-end pass per model, then the per-unit Jacobians of every
     model at once, grouped by computation (`unit_groups.measure_group`), then the exact
     spectra. `variables_for(name, model, x)` may supply trained variables (e.g. from a
     checkpoint); by default every model is initialized with `config.seed` (twins share weights).
+    Settings share no compiled code, so `workers` threads (default: `default_workers`) run
+    them concurrently; every number is the same as with `workers=1` (each setting's seeds
+    and order of operations are fixed).
     """
-    from tqdm.auto import tqdm
-
     names = model_names(config)
     settings = config.settings()
-    bar = tqdm(total=len(settings) * len(names), disable=not progress_bar, desc="analyze", unit="step")
-    init_cache, runs = {}, []
-    for setting in settings:
-        cache = SegmentCache()  # compiled unit code is shared by every model of a setting
-        pending = []
-        for name in names:
-            bar.set_description(f"analyze [{setting.label}] {name} end-to-end")
-            pending.append(_model_pass(name, setting, config, cache, init_cache, variables_for))
-            bar.update(1)
-        groups: dict[int, list] = {}
-        for r, (_, segments, _) in enumerate(pending):
-            for i in sorted(jacobian_unit_indices(len(segments), config.jacobian_units)):
-                groups.setdefault(id(segments[i].ops), []).append((r, i))
-        spectra = [(r, spectrum_unit_index(segments, config.spectrum_max_dim)) for r, (_, segments, _) in
-                   enumerate(pending)] if config.spectrum_max_dim else []
-        spectra = [(r, i) for r, i in spectra if i is not None]
-        bar.total += len(groups) + len(spectra)
-        bar.refresh()
-        for g, members in enumerate(groups.values()):
-            first = pending[members[0][0]][1][members[0][1]]
-            bar.set_description(f"analyze [{setting.label}] per-unit Jacobians: {len(members)} x {first.name}-like")
-            start = time.perf_counter()
-            measured = measure_group([(pending[r][1][i], pending[r][2][i]) for r, i in members],
-                                     [pending[r][0]["units"][i]["identity_shortcut"] for r, i in members],
-                                     setting.bn, config, config.seed + g)
-            share = (time.perf_counter() - start) / len(members)
-            for (r, i), result in zip(members, measured):
-                pending[r][0]["units"][i]["jacobian"] = result
-                pending[r][0]["seconds"] += share
-            bar.update(1)
-        for r, i in spectra:
-            run, segments, hs = pending[r]
-            bar.set_description(f"analyze [{setting.label}] exact spectrum {run['model']} {segments[i].name}")
-            start = time.perf_counter()
-            run["units"][i]["spectrum"] = exact_spectrum(segments[i], hs[i], setting.bn)
-            run["seconds"] += time.perf_counter() - start
-            bar.update(1)
-        for run, _, _ in pending:
-            run["summary"] = summarize(run["units"], run["shattered"]["correlation_by_lag"])
-            runs.append(run)
-    bar.close()
+    workers = default_workers(len(settings)) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    progress = _Progress(len(settings) * len(names), progress_bar)
+    variables_for = variables_for or _SharedInit(config.seed)
+    run_setting = functools.partial(_run_setting, names=names, config=config, variables_for=variables_for,
+                                    progress=progress)
+    try:
+        if workers == 1:
+            per_setting = [run_setting(setting) for setting in settings]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="analyze") as pool:
+                # the costliest settings start first, so the threads finish close together
+                started = {i: pool.submit(run_setting, settings[i])
+                           for i in sorted(range(len(settings)), key=lambda i: setting_cost_rank(settings[i]))}
+                per_setting = [started[i].result() for i in range(len(settings))]
+    finally:
+        progress.close()
+    runs = [run for setting_runs in per_setting for run in setting_runs]
     return {"config": dataclasses.asdict(config), "runs": runs, "reductions": reductions(config)}
+
+
+def _run_setting(setting: Setting, *, names, config: StudyConfig, variables_for: Callable,
+                 progress: _Progress) -> list[dict]:
+    """Every model of one setting: end-to-end passes, grouped per-unit Jacobians, spectra."""
+    cache = SegmentCache()  # compiled unit code is shared by every model of a setting
+    pending = []
+    for name in names:
+        progress.describe(f"analyze [{setting.label}] {name} end-to-end")
+        pending.append(_model_pass(name, setting, config, cache, variables_for))
+        progress.step()
+    groups: dict[int, list] = {}
+    for r, (_, segments, _) in enumerate(pending):
+        for i in sorted(jacobian_unit_indices(len(segments), config.jacobian_units)):
+            groups.setdefault(id(segments[i].ops), []).append((r, i))
+    spectra = [(r, spectrum_unit_index(segments, config.spectrum_max_dim)) for r, (_, segments, _) in
+               enumerate(pending)] if config.spectrum_max_dim else []
+    spectra = [(r, i) for r, i in spectra if i is not None]
+    progress.step(extra_total=len(groups) + len(spectra), done=0)
+    for g, members in enumerate(groups.values()):
+        first = pending[members[0][0]][1][members[0][1]]
+        progress.describe(f"analyze [{setting.label}] per-unit Jacobians: {len(members)} x {first.name}-like")
+        start = time.perf_counter()
+        measured = measure_group([(pending[r][1][i], pending[r][2][i]) for r, i in members],
+                                 [pending[r][0]["units"][i]["identity_shortcut"] for r, i in members],
+                                 setting.bn, config, config.seed + g)
+        share = (time.perf_counter() - start) / len(members)
+        for (r, i), result in zip(members, measured):
+            pending[r][0]["units"][i]["jacobian"] = result
+            pending[r][0]["seconds"] += share
+        progress.step()
+    for r, i in spectra:
+        run, segments, hs = pending[r]
+        progress.describe(f"analyze [{setting.label}] exact spectrum {run['model']} {segments[i].name}")
+        start = time.perf_counter()
+        run["units"][i]["spectrum"] = exact_spectrum(segments[i], hs[i], setting.bn)
+        run["seconds"] += time.perf_counter() - start
+        progress.step()
+    for run, _, _ in pending:
+        run["summary"] = summarize(run["units"], run["shattered"]["correlation_by_lag"])
+    return [run for run, _, _ in pending]
 
 
 def reductions(config: StudyConfig) -> list[str]:

@@ -38,7 +38,8 @@ def run(args) -> int:
         restored = restore_variables(args.checkpoint)
         variables_for = lambda name, model, x: check_variables(model, restored, x, name)  # noqa: E731
     start = time.perf_counter()
-    results = run_study(config, variables_for=variables_for, progress_bar=not args.no_progress)
+    results = run_study(config, variables_for=variables_for, progress_bar=not args.no_progress,
+                        workers=args.workers)
     results["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
     results["seconds"] = time.perf_counter() - start
     out = Path(args.out)
@@ -93,5 +94,8 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="orbax checkpoint directory with 'params' (+ 'batch_stats') to analyze trained "
                         "variables instead of the initialization (see jaxres.analysis.restore)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="settings measured concurrently, one thread each (default: the number of CPU cores, "
+                        "at most the number of settings); the numbers do not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
