@@ -21,7 +21,6 @@ from jaxres.train.precision import COMPUTE_DTYPES as DTYPES, compute_dtype
 from jaxres.train.state import create_train_state
 
 
-
 def training_flops(macs_per_example: int, batch_size: int) -> float:
     """Model FLOPs of one training step: forward 2*MACs, backward twice the forward."""
     return 6.0 * macs_per_example * batch_size
@@ -51,10 +50,10 @@ def bench_train_step(name: str, *, batch_size: int, dtype: str = "float32", driv
     """Benchmarks one training step of registry model `name`; returns one result row."""
     card = model_card(name)
     size = input_size or card.input_size
-    compute_dtype(dtype, jax.devices()[0].platform)
+    jnp_dtype = compute_dtype(dtype, jax.devices()[0].platform)
     drv = make_driver(driver)
     check_batch_size(batch_size, drv.num_devices)
-    model = create_model(name, dtype=DTYPES[dtype], **overrides)
+    model = create_model(name, dtype=jnp_dtype, **overrides)
     state = create_train_state(model, optax.sgd(0.1, momentum=0.9), jax.random.PRNGKey(0), (1, size, size, 3))
     data = np.random.default_rng(0)
     batch = {

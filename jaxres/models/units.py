@@ -88,8 +88,9 @@ class UnitModel(nn.Module):
         outputs = {}
         groups = identical_runs(specs[first : last + 1]) if scanning else [[s] for s in specs[first : last + 1]]
         for group in groups:
-            if len(group) > 1 or (scanning and self.stored_run(group) is not None):
-                x = self.scan_units_run(group, x, train)
+            stored = self.stored_run(group) if scanning else None
+            if len(group) > 1 or stored is not None:
+                x = self.scan_units_run(group, x, train, stored)
                 continue
             spec = group[0]
             x = spec.build(name=spec.name)(x)
@@ -115,14 +116,14 @@ class UnitModel(nn.Module):
         found = locate_run(self, [spec.name for spec in group])
         return found if found is not None and found[0] in self.variables.get("params", {}) else None
 
-    def scan_units_run(self, group: Sequence[UnitSpec], x, train: bool):
+    def scan_units_run(self, group: Sequence[UnitSpec], x, train: bool, stored: tuple[str, int] | None):
         """Applies identical units with one `lax.scan` over their stacked variables, so XLA
         compiles one unit per run instead of hundreds (cifar_resnet1202 has runs of 199).
-        Reads either layout (see `scan_layout`): the stacked one as stored, the per-unit one
-        stacked here, per call."""
+        Reads either layout (see `scan_layout`): the stacked one as stored (`stored` = its key
+        and the offset of group[0], from `stored_run`), the per-unit one stacked here, per call."""
         names = [spec.name for spec in group]
         unit = group[0].build(parent=None)  # unbound: applied functionally to each slice
-        key, offset = self.stored_run(group) or (None, 0)
+        key, offset = stored or (None, 0)
         n = len(names)
         if key is not None:
             stacked = {col: jax.tree.map(lambda a: a[offset : offset + n], tree[key])
