@@ -1,4 +1,4 @@
-"""jaxres.models.conv: the CPU-fast kernel gradient equals XLA's convolution derivatives.
+"""jaxres.models.conv: the CPU-fast derivatives equal XLA's convolution derivatives.
 
 Reference: jax.lax.conv_general_dilated and JAX's own derivative rules (forward, VJP w.r.t.
 input and kernel, JVP, second order). Float32 tolerance: relative 1e-5 of the largest entry
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxres.models.conv import NHWC, _chunk, conv_general_dilated
+import jaxres.models.conv as conv_module
+from jaxres.models.conv import NHWC, _chunk, _taps_pay_off, conv_general_dilated
 
 CASES = [  # (batch, side, c_in, c_out, kernel, stride, pad): every conv shape the zoo uses
     (4, 8, 3, 5, 3, 1, 1),  # CIFAR stem / basic block
@@ -33,8 +34,16 @@ def _close(a, b, rtol=1e-5):
     np.testing.assert_allclose(b, a, rtol=0, atol=rtol * np.abs(a).max())
 
 
+@pytest.fixture(params=["xla kernel gradient", "tap-matmul kernel gradient"])
+def kernel_gradient(request, monkeypatch):
+    """Both kernel-gradient paths, whatever `_taps_pay_off` picks for these small shapes."""
+    taps = request.param.startswith("tap")
+    monkeypatch.setattr(conv_module, "_taps_pay_off", lambda kernel_shape, pixels: taps)
+    return taps
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_value_and_gradients_match_xla(case):
+def test_value_and_gradients_match_xla(case, kernel_gradient):
     n, side, cin, cout, k, s, p = case
     x = jax.random.normal(jax.random.key(0), (n, side, side, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
@@ -46,7 +55,7 @@ def test_value_and_gradients_match_xla(case):
     _close(jax.jvp(ref, (x, w), (tx, tw))[1], jax.jvp(new, (x, w), (tx, tw))[1])
 
 
-def test_second_order_matches_xla():
+def test_second_order_matches_xla(kernel_gradient):
     x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
     w = jax.random.normal(jax.random.key(1), (3, 3, 2, 2))
     ref, new = _loss(lax.conv_general_dilated, 2, 1), _loss(conv_general_dilated, 2, 1)
@@ -79,3 +88,27 @@ def test_string_padding_and_bfloat16():
 def test_chunks_divide_the_batch_and_fit_the_budget():
     assert _chunk(128, 34 * 34 * 16 * 4) == 4  # 74 KB images, 512 KiB budget -> 6, largest divisor 4
     assert _chunk(7, 1) == 7 and _chunk(7, 10**9) == 1 and _chunk(12, 150_000) == 3
+
+
+@pytest.mark.parametrize("kernel, pixels, taps", [
+    ((3, 3, 16, 16), 32 * 32, False),  # CIFAR stages: XLA's kernel gradient is 1.5-3.6x faster
+    ((3, 3, 64, 64), 8 * 8, False),
+    ((7, 7, 3, 64), 112 * 112, False),  # ImageNet stem: 3 input channels
+    ((3, 3, 64, 64), 56 * 56, False),  # ResNet layer1
+    ((3, 3, 256, 256), 14 * 14, False),  # small map
+    ((1, 1, 256, 64), 56 * 56, False),  # 1x1: one matmul either way
+    ((3, 3, 64, 64), 224 * 224, True),  # VGG block 1: XLA's correlation crawls on big maps
+    ((3, 3, 128, 128), 112 * 112, True),
+    ((3, 3, 256, 256), 56 * 56, True),  # wide VGG layers
+    ((3, 3, 512, 512), 28 * 28, True),
+])
+def test_taps_where_they_were_measured_faster(kernel, pixels, taps):
+    assert _taps_pay_off(kernel, pixels) is taps
+
+
+def test_materialized_input_keeps_every_bit():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4)) * jnp.array([1e-30, 1.0, 1e30, -0.0])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = jax.jit(conv_module._materialized)(x.astype(dtype))
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(x.astype(dtype)).view(np.uint8))
+    assert "div" in str(jax.make_jaxpr(conv_module._materialized)(x))

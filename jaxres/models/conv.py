@@ -1,19 +1,24 @@
-"""2-D convolution with a kernel gradient that is fast on XLA:CPU.
-
-XLA differentiates a convolution w.r.t. its kernel by another convolution whose "kernel" is
-the whole output-gradient image (32x32 for a CIFAR stage 1, 224x224 for VGG's first layers).
-XLA:CPU runs that correlation 3-15x slower than the forward convolution (measured on a 2-core
-x86 CPU, batch 128: 32x32x16 forward 10 ms, kernel gradient 190 ms; VGG 224x224x64 batch 8:
-0.44 s vs 6.4 s), and it dominated CPU training steps (`experiments/bench_conv.py`).
+"""2-D convolution whose derivatives are fast on XLA:CPU.
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it
-as a field). Its value is XLA's convolution; its JVP w.r.t. the kernel is written as the sum
-over kernel taps of (shifted input) @ kernel[tap], looped over small batch chunks that stay in
-cache, and JAX's transpose of that linear map is the kernel gradient: per chunk and tap one
-(C_in x pixels) @ (pixels x C_out) matmul. Numerics equal XLA's to float tolerance (summation
-order differs). Its input gradient is XLA's too, fed a pre-flipped kernel (see `_input_tangent`).
-Used on CPU only: on GPU/TPU the vendor kernels are fast and this would not be.
-Anything but plain NHWC/HWIO convolutions (dilation, groups, other layouts) goes to XLA as is.
+as a field). Its value is XLA's convolution, bit for bit; on CPU three things differ from XLA's
+own rules, each measured on a 2-core x86 CPU (`experiments/bench_conv.py`, `jaxres bench`):
+
+- The input is materialized once (`_materialized`). XLA's kernel gradient transposes the input
+  to (C, H, W, N); XLA:CPU fused that transpose with the input's elementwise producers and so
+  recomputed the BatchNorm/ReLU/residual-add chain of every earlier block in the stage, once
+  per block: 300 of the 735 ms of a cifar_resnet20 step at batch 128.
+- The kernel gradient is XLA's where that is fast and a sum over kernel taps of
+  (shifted input)^T @ (output gradient) where XLA's is slow: large images or wide layers
+  (`_taps_pay_off`). XLA computes it as a convolution whose "kernel" is the whole output-
+  gradient image and ran it at 12-15 GFLOP/s on 112x112 and 224x224 maps (VGG, batch 8:
+  112x112x128 1.26 s against 0.34 s by taps), but at 90-100 GFLOP/s on CIFAR and ResNet
+  stages, where tap matmuls with 16-64 channels are 1.2-3.6x slower.
+- The input gradient is XLA's, fed a pre-flipped kernel (see `_input_tangent`).
+
+Numerics equal XLA's to float tolerance (only the summation order differs). Used on CPU only:
+on GPU/TPU the vendor kernels are fast and this would not be. Anything but plain NHWC/HWIO
+convolutions (dilation, groups, other layouts) goes to XLA as is.
 """
 
 from __future__ import annotations
@@ -50,24 +55,55 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         precision, preferred_element_type)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
+    padding = tuple(tuple(p) for p in padding)
+    out_pixels = math.prod((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s
+                           in zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides))
+    taps = _taps_pay_off(rhs.shape, out_pixels)
+    return _conv(_materialized(lhs), rhs, tuple(window_strides), padding, precision, taps)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, padding, precision):
+def _materialized(x):
+    """x, computed once into a buffer that every consumer reads.
+
+    x / 1 is exact; the 1 sits behind an optimization barrier so XLA cannot fold the division,
+    and XLA's fusion never duplicates a division (an "expensive" op) into several consumers.
+    So the kernel gradient's transpose of x reads x instead of re-deriving it from the block
+    outputs before it (cifar_resnet20, batch 128: transposes 300 -> 63 ms, step 735 -> 550 ms)."""
+    return x / lax.optimization_barrier(jnp.ones((), x.dtype))
+
+
+def _taps_pay_off(kernel_shape, pixels: int) -> bool:
+    """Whether the tap-matmul kernel gradient beats XLA's for this layer on XLA:CPU.
+
+    Measured on 2 cores (batch 8 unless noted; XLA ms / taps ms). Taps win on large maps, where
+    XLA's correlation with a 112x112 or larger "kernel" runs at 12-15 GFLOP/s: 224x224x64->64
+    975/826, 112x112x64->128 613/224, 112x112x128->128 1261/337; and on wide 3x3 layers at
+    28x28 and up: 56x56x256->256 354/247, 56x56x128->256 200/143, 28x28x512->512 266/215,
+    28x28x256->512 117/102. They lose with few channels, on small maps and for 1x1 kernels:
+    56x56x64->64 22/26, 14x14x256->256 10/16, 7x7x512->512 13/19, 56x56x256->64 (1x1) 28/40,
+    224x224x3->64 69/351, and the CIFAR stages at batch 128 (32x32x16 10/36, 8x8x64 8/13)."""
+    kh, kw, c_in, c_out = kernel_shape
+    wide = c_in * c_out >= 128 * 256 and pixels >= 28 * 28
+    return kh * kw > 1 and c_in >= 32 and (pixels >= 112 * 112 or wide)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, padding, precision, taps):
+    del taps  # only the derivative depends on it
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
 
 
 @_conv.defjvp
-def _conv_jvp(strides, padding, precision, primals, tangents):
+def _conv_jvp(strides, padding, precision, taps, primals, tangents):
     x, w = primals
     dx, dw = tangents
-    y = _conv(x, w, strides, padding, precision)
+    y = _conv(x, w, strides, padding, precision, taps)
     out = []
     if not isinstance(dx, SymbolicZero):
         out.append(_input_tangent(dx, w, strides, padding, precision))
     if not isinstance(dw, SymbolicZero):
-        out.append(_taps_matmul(x, dw, strides, padding, y.shape, precision))
+        out.append(_taps_matmul(x, dw, strides, padding, y.shape, precision) if taps
+                   else _kernel_tangent(x, dw, strides, padding, precision))
     if not out:
         return y, SymbolicZero(jax.core.get_aval(y).to_tangent_aval())
     return y, functools.reduce(jnp.add, out)
@@ -83,6 +119,21 @@ def _input_tangent(dx, w, strides, padding, precision):
     flipped = lax.optimization_barrier(lax.rev(w, (0, 1)).swapaxes(2, 3))  # (H, W, C_out, C_in)
     return lax.conv_general_dilated(dx, lax.rev(flipped, (0, 1)), strides, padding,
                                     dimension_numbers=("NHWC", "HWOI", "NHWC"), precision=precision)
+
+
+def _kernel_tangent(x, dw, strides, padding, precision):
+    """conv(x, dw), written so that its transpose (XLA's kernel gradient) is a plain NHWC/HWIO
+    convolution of arrays transposed up front: the input as (C_in, H, W, N), the output gradient
+    as (H, W, N, C_out), giving the gradient as (C_in, kh, kw, C_out). XLA:CPU makes those same
+    transposes itself when unrolled, but inside a `lax.scan` body (scan_units) it ran the
+    convolution in JAX's transposed dimension numbers as given: ~1 s per layer instead of 10 ms
+    (cifar_resnet20, batch 128). The optimization barriers keep XLA from folding the transposes
+    back into dimension numbers; this is the same trick as `_input_tangent`'s."""
+    xt = lax.optimization_barrier(x.transpose(3, 1, 2, 0))
+    dwt = lax.optimization_barrier(dw.transpose(2, 0, 1, 3))
+    yt = lax.conv_general_dilated(xt, dwt, strides, padding, dimension_numbers=("CHWN", "IHWO", "HWNC"),
+                                  precision=precision)
+    return lax.optimization_barrier(yt).transpose(2, 0, 1, 3)
 
 
 def _chunk(batch: int, image_bytes: int) -> int:
