@@ -4,9 +4,11 @@
 
 Prints a table (milliseconds, median of --repeats synchronized calls after a warm-up call) of
 the forward convolution, the input gradient and the kernel gradient by XLA, the kernel gradient
-by jaxres (tap matmuls over cached batch chunks) and their ratio, with the largest relative
-difference of the two kernel gradients. Made for XLA:CPU, where the kernel gradient was the
-step's bottleneck; on other backends jaxres uses XLA's rule and the two columns agree.
+by jaxres and their ratio, with the largest relative difference of the two kernel gradients.
+jaxres uses tap matmuls over cached batch chunks where `jaxres.models.conv._taps_pay_off` says
+they were measured faster, else XLA's kernel gradient on pre-transposed arrays; these
+measurements are where that rule comes from. Made for XLA:CPU; on other backends jaxres uses
+XLA's rule and the two columns agree.
 """
 
 from __future__ import annotations
