@@ -7,7 +7,7 @@ own rules, each measured on a 2-core x86 CPU (`experiments/bench_conv.py`, `jaxr
 - The input is materialized once (`_materialized`). XLA's kernel gradient transposes the input
   to (C, H, W, N); XLA:CPU fused that transpose with the input's elementwise producers and so
   recomputed the BatchNorm/ReLU/residual-add chain of every earlier block in the stage, once
-  per block: 300 of the 735 ms of a cifar_resnet20 step at batch 128.
+  per block: 300 of the ~700 ms of a cifar_resnet20 step at batch 128 (profiled).
 - The kernel gradient is XLA's where that is fast and a sum over kernel taps of
   (shifted input)^T @ (output gradient) where XLA's is slow: large images or wide layers
   (`_taps_pay_off`). XLA computes it as a convolution whose "kernel" is the whole output-
@@ -68,7 +68,7 @@ def _materialized(x):
     x / 1 is exact; the 1 sits behind an optimization barrier so XLA cannot fold the division,
     and XLA's fusion never duplicates a division (an "expensive" op) into several consumers.
     So the kernel gradient's transpose of x reads x instead of re-deriving it from the block
-    outputs before it (cifar_resnet20, batch 128: transposes 300 -> 63 ms, step 735 -> 550 ms)."""
+    outputs before it (cifar_resnet20, batch 128: transposes 300 -> 63 ms of a ~700 ms step)."""
     return x / lax.optimization_barrier(jnp.ones((), x.dtype))
 
 
