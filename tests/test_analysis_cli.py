@@ -159,10 +159,10 @@ def test_settings_in_threads_give_the_same_numbers_as_one_by_one():
 
 def test_checkpoint_from_a_jaxres_train_workdir(tmp_path, saved_checkpoint):
     """The layout `jaxres train` writes: WORKDIR/checkpoints/<step>/{state,data,config,meta}."""
-    from jaxres.train.checkpoint import Checkpoints
+    from jaxres.workdir import Workdir
 
     model, x, variables, _ = saved_checkpoint
-    ckpts = Checkpoints(tmp_path / "checkpoints", keep=2)
+    ckpts = Workdir(tmp_path, create=True, keep=2)
     for step in (5, 10):
         tree = {"step": step, **jax.tree.map(lambda a: a + step, dict(variables))}
         ckpts.save(step, tree, {"pos": step}, {"lr": 0.1})

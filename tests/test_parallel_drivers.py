@@ -74,7 +74,7 @@ def test_two_process_training_job_checkpoints_collectively_and_resumes(tmp_path)
     checkpoint once for the job, one process can read it, and the job resumes from it.
     (Numerics across device counts: the driver tests above. Each host shuffles its own share
     of the data, so the batches depend on the number of processes.)"""
-    from jaxres.train.checkpoint import Checkpoints
+    from jaxres.workdir import Workdir
     from jaxres.train.loop import Run
     from jaxres.train.state import checkpoint_tree
     from tests.test_train_loop import tiny_config
@@ -97,16 +97,14 @@ def test_two_process_training_job_checkpoints_collectively_and_resumes(tmp_path)
         return [out + err for out, err in outputs]
 
     job(4)
-    ckpts = Checkpoints(tmp_path / "checkpoints")
-    assert ckpts.steps() == [2, 4]
-    saved = ckpts.restore(4, checkpoint_tree(Run(tiny_config(), need_train=False).state))[0]
-    ckpts.close()
+    with Workdir(tmp_path) as wd:
+        assert wd.steps() == [2, 4]
+        saved = wd.restore(4, checkpoint_tree(Run(tiny_config(), need_train=False).state)).state
     assert int(saved["step"]) == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
     logs = job(6)
     assert all("resumed from checkpoint 4" in log for log in logs), logs[0][-2000:]
-    ckpts = Checkpoints(tmp_path / "checkpoints")
-    assert ckpts.steps() == [2, 4, 6]
-    ckpts.close()
+    with Workdir(tmp_path) as wd:
+        assert wd.steps() == [2, 4, 6]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if r["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # process 0 logs once per step, across the restart

@@ -14,9 +14,9 @@ from jaxres.cli import main
 from jaxres.cli.train import split_overrides
 from jaxres.models import unstack_identical_units
 from jaxres.train import NonFiniteLossError, apply_overrides, evaluate_workdir, load_config, train_and_evaluate
-from jaxres.train.checkpoint import Checkpoints
 from jaxres.train.loop import Run
 from jaxres.train.state import checkpoint_tree
+from jaxres.workdir import Workdir
 
 CONFIG = "experiments/configs/synthetic.py"
 
@@ -33,11 +33,9 @@ def tiny_config(**fields):
 
 
 def final_tree(workdir, config, step):
-    ckpts = Checkpoints(workdir / "checkpoints")
-    try:
-        return ckpts.restore(step, checkpoint_tree(Run(config, need_train=False).state))
-    finally:
-        ckpts.close()
+    with Workdir(workdir) as wd:
+        saved = wd.restore(step, checkpoint_tree(Run(config, need_train=False).state))
+    return saved.state, saved.data, saved.config, saved.meta
 
 
 def assert_trees_equal(a, b):
@@ -113,9 +111,8 @@ def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
     assert found, str(err.value)
     bad, good = int(found.group(1)), int(found.group(2))
     assert 1 <= good < bad
-    ckpts = Checkpoints(tmp_path / "checkpoints")
-    assert ckpts.steps()[-1] == good  # nothing saved after it
-    ckpts.close()
+    with Workdir(tmp_path) as wd:
+        assert wd.steps()[-1] == good  # nothing saved after it
     tree = final_tree(tmp_path, config, good)[0]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree["params"]))
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from jaxres.train import apply_overrides, load_config
-from jaxres.train.checkpoint import Checkpoints
 from jaxres.train.loop import Run
 from jaxres.train.state import checkpoint_tree
+from jaxres.workdir import Workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 40
@@ -66,13 +66,10 @@ def wait_for_checkpoint(workdir, proc, at_least, timeout=300):
 
 def final_state(workdir):
     config = apply_overrides(load_config(str(ROOT / "experiments/configs/synthetic.py")), list(OVERRIDES))
-    ckpts = Checkpoints(workdir / "checkpoints")
-    try:
-        assert ckpts.latest_step() == NUM_STEPS
-        tree, data_state, _, _ = ckpts.restore(NUM_STEPS, checkpoint_tree(Run(config, need_train=False).state))
-    finally:
-        ckpts.close()
-    return tree, data_state
+    with Workdir(workdir) as wd:
+        assert wd.latest_step() == NUM_STEPS
+        saved = wd.restore(NUM_STEPS, checkpoint_tree(Run(config, need_train=False).state))
+    return saved.state, saved.data
 
 
 def assert_bitwise_equal(a, b):

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        # Library errors are written for people: show the message, not a traceback.
+    except (ValueError, TypeError, OSError) as err:
+        # Library errors are written for people, and an OS error (disk full, permissions) names
+        # its file: show the message, not a traceback.
         print(f"jaxres {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ renamed, so an error leaves no partial file behind.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -21,10 +22,27 @@ def _list(text: str, cast=str) -> tuple:
         raise ValueError(f"expected a comma-separated list of {cast.__name__}s, got {text!r}") from None
 
 
+def check_output_dir(directory, option: str = "--out", expected: str = "a directory") -> Path:
+    """Refuses, before any work, an output directory that could not be created or written at
+    the end: an existing file, a path under a file, a directory without write permission."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == directory else f"is under {existing}, which is a file"
+        raise NotADirectoryError(f"{option} {directory} {where}; {option} must be {expected}: choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        action = "write into" if existing == directory else f"create it in {existing}"
+        raise PermissionError(f"{option} {directory}: no permission to {action}; choose a writable path")
+    return directory
+
+
 def run(args) -> int:
     from jaxres.analysis import plots, report
     from jaxres.analysis.study import StudyConfig, run_study
 
+    out = check_output_dir(args.out)  # before the study, which may take an hour
     config = StudyConfig(
         models=_list(args.models), depths=_list(args.depths, int), norms=_list(args.norm),
         activations=_list(args.activation), bns=_list(args.bn), batch_size=args.batch_size,
@@ -42,7 +60,6 @@ def run(args) -> int:
                         workers=args.workers)
     results["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
     results["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
     table = report.format_table(results)
     report.write_results(results, out / "results.json")
     plots.plot_norms(results, out / "norms.png", "logit_jac")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxres.cli.analyze import check_output_dir
 from jaxres.models.complexity import count_params
 from jaxres.weights.descriptors import TORCHVISION_WEIGHTS, torchvision_weights
 from jaxres.weights.io import save_weights
@@ -38,6 +39,9 @@ def run(args) -> int:
 def convert(args) -> int:
     if (args.source is None) == (args.weights is None):
         raise ValueError("give exactly one of --from FILE and --weights TAG (e.g. IMAGENET1K_V1)")
+    out = Path(args.out)
+    check_output_dir(out.parent if out.suffix == ".safetensors" else out,
+                     expected="a directory (for MODEL.safetensors) or a .safetensors path")
     if args.weights is not None:
         if args.model is None:
             raise ValueError("--weights needs --model (e.g. --model resnet50)")
@@ -52,7 +56,6 @@ def convert(args) -> int:
         raise ValueError(f"cannot tell which torchvision model {source} holds; pass --model ({', '.join(convertible_models())})")
     descriptor = descriptor or _descriptor_for(model, source)
     num_classes = state_dict_num_classes(state_dict)
-    out = Path(args.out)
     path = out if out.suffix == ".safetensors" else out / f"{model}.safetensors"
     if path.exists() and not args.overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it, or another --out")

@@ -31,6 +31,7 @@ def run(args) -> int:
     from jaxres.data import sources
 
     data_dir = args.data_dir or sources.default_data_dir()
+    sources.check_data_dir(data_dir)
     if args.action == "list":
         for name, spec in sources.DATASETS.items():
             found = sources.prepared_dir(name, data_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from jaxres.models.layers import closest_names
 from jaxres.models.registry import list_models, model_card
 
 
@@ -39,7 +40,15 @@ def format_table(rows) -> str:
 def run(args) -> int:
     names = list_models(args.family)
     if args.name:
-        names = [n for n in names if any(part in n for part in args.name)]
+        matching = [n for n in names if any(part in n for part in args.name)]
+        if not matching:
+            family = f" of family {args.family!r}" if args.family else ""
+            raise ValueError(
+                f"no model{family} has a name containing {' or '.join(map(repr, args.name))}"
+                f"{''.join(closest_names(part, names) for part in args.name)} (`jaxres models` with no NAME lists "
+                f"them all)"
+            )
+        names = matching
     rows = model_table(names)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

@@ -54,6 +54,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from jaxres.parallel import initialize_distributed
     from jaxres.train import NonFiniteLossError, apply_overrides, load_config, train_and_evaluate
+    from jaxres.workdir import WorkdirBusyError
 
     config = apply_overrides(load_config(args.config), args.overrides)
     # Multi-host jobs: JAXRES_COORDINATOR/NUM_PROCESSES/PROCESS_ID, or JAXRES_DISTRIBUTED=auto
@@ -61,7 +62,7 @@ def run(args) -> int:
     initialize_distributed()
     try:
         summary = train_and_evaluate(config, args.workdir)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, WorkdirBusyError) as err:
         print(f"jaxres train: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

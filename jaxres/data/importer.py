@@ -10,6 +10,10 @@ no TensorFlow either.
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ VERSIONS = {"fashion_mnist": "3.0.1", "mnist": "3.0.1"}
 # IDX file stems (LeCun's naming, used by both datasets) and their split.
 SPLIT_FILES = {"train": "train", "test": "t10k"}
 IDX_DTYPES = {0x08: np.uint8}
+IMAGE_SHAPE = (28, 28)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -32,16 +37,27 @@ def read_idx(path: Path) -> np.ndarray:
     uint32 dimensions, then the data (LeCun et al., the MNIST file format)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # not gzip, or a cut-off gzip stream
+        raise ValueError(f"{path} is not a readable gzip file ({err}); download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+        raise ValueError(
+            f"{path} is not an IDX file of unsigned bytes: bad magic number 0x{data[:4].hex()} "
+            f"(expected 0x000008NN, NN = the number of dimensions)"
+        )
     ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is truncated: expected a {header}-byte header for {ndim} dimensions, "
+                         f"got {len(data)} bytes")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = 4 + 4 * ndim + int(np.prod(dims))
+    expected = header + int(np.prod(dims))
     if len(data) != expected:
-        raise ValueError(f"{path} is truncated or corrupt: {len(data)} bytes, the header promises {expected}")
-    return np.frombuffer(data, IDX_DTYPES[data[2]], offset=4 + 4 * ndim).reshape(dims)
+        problem = "truncated" if len(data) < expected else "corrupt (longer than its header says)"
+        raise ValueError(f"{path} is {problem}: expected {expected} bytes for shape {tuple(dims)}, got {len(data)}")
+    return np.frombuffer(data, IDX_DTYPES[data[2]], offset=header).reshape(dims)
 
 
 def find_idx(directory: Path, stem: str) -> Path:
@@ -59,12 +75,18 @@ def read_idx_split(directory, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28), labels uint8 (N,)) of one split, checked for consistency."""
     directory = Path(directory)
     stem = SPLIT_FILES[split]
-    images = read_idx(find_idx(directory, f"{stem}-images-idx3-ubyte"))
-    labels = read_idx(find_idx(directory, f"{stem}-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match")
+    images_path = find_idx(directory, f"{stem}-images-idx3-ubyte")
+    labels_path = find_idx(directory, f"{stem}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"{images_path} must hold 28x28 images, 3 dimensions (N, 28, 28); its header says "
+                         f"{images.shape}")
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_path} must hold labels, 1 dimension (N,); its header says {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     if labels.max(initial=0) > 9:
-        raise ValueError(f"{directory}: {split} labels must be 0..9, found {labels.max()}")
+        raise ValueError(f"{labels_path}: labels must be 0..9, found {labels.max()}")
     return images, labels
 
 
@@ -93,7 +115,7 @@ def _builder_class(name: str):
                 builder=self,
                 description=f"{name} imported by `jaxres data import` from the standard IDX files.",
                 features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                    "image": tfds.features.Tensor(shape=(*IMAGE_SHAPE, 1), dtype=np.uint8),
                     "label": tfds.features.ClassLabel(names=CLASS_NAMES[name]),
                 }),
                 supervised_keys=("image", "label"),
@@ -114,21 +136,39 @@ def _builder_class(name: str):
 def import_idx(name: str, source_dir, data_dir) -> Path:
     """Writes `name` (fashion_mnist or mnist) from the IDX files in `source_dir` into
     `data_dir` as a prepared TFDS dataset; returns the dataset's directory. An existing
-    prepared copy is left untouched (TFDS reuses it)."""
+    prepared copy is left untouched. Every file is checked before anything is written, and
+    TFDS writes into a temporary directory inside `data_dir`, renamed into place once
+    complete: a failure leaves nothing half-written."""
+    from jaxres.data.sources import check_data_dir
+
     if name not in CLASS_NAMES:
         raise ValueError(f"jaxres can import {', '.join(sorted(CLASS_NAMES))} from IDX files, not {name!r}")
-    source_dir = Path(source_dir)
+    source_dir, data_dir = Path(source_dir), Path(data_dir)
     if not source_dir.is_dir():
         raise FileNotFoundError(
             f"IDX directory {source_dir} does not exist (Debian: apt-get install dataset-fashion-mnist puts "
             f"the files in /usr/share/datasets/fashion-mnist)"
         )
-    for split in SPLIT_FILES:  # fail on a bad file before TFDS creates anything
+    check_data_dir(data_dir)
+    for split in SPLIT_FILES:  # fail on a bad file before anything is written
         read_idx_split(source_dir, split)
-    import tensorflow_datasets as tfds
-
-    builder = _builder_class(name)(source_dir=source_dir, data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    )
-    return Path(builder.data_dir)
+    target = data_dir / name / VERSIONS[name]
+    if (target / "dataset_info.json").is_file():
+        return target
+    if target.exists():
+        raise FileExistsError(f"{target} exists but holds no prepared dataset (an interrupted preparation?); "
+                              f"remove it and import again")
+    made = [d for d in (data_dir, target.parent) if not d.exists()]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-import-", dir=data_dir))
+    try:
+        builder = _builder_class(name)(source_dir=source_dir, data_dir=str(staging), file_format="array_record")
+        builder.download_and_prepare()
+        target.parent.mkdir(exist_ok=True)
+        os.replace(builder.data_dir, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for directory in reversed(made):  # created by this call, and left empty by a failure
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+    return target

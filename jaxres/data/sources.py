@@ -73,8 +73,18 @@ def how_to_prepare(name: str, data_dir: str) -> str:
     )
 
 
+def check_data_dir(data_dir) -> None:
+    """Refuses a data_dir that exists but is not a directory (it would look "not prepared")."""
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise NotADirectoryError(
+            f"data_dir {str(data_dir)!r} is a file; data_dir must be a directory (the TFDS data dir holding "
+            f"<dataset>/<version>/): pass another --data-dir (or --config.data_dir) or move the file away"
+        )
+
+
 def prepared_dir(name: str, data_dir: str) -> Path | None:
     """The newest `<data_dir>/<name>/<version>` holding a prepared dataset, or None."""
+    check_data_dir(data_dir)
     root = Path(data_dir) / name
     if not root.is_dir():
         return None

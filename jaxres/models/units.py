@@ -34,6 +34,9 @@ class UnitSpec:
     name: str
     build: Callable[..., nn.Module]  # build(name=...) -> module called as module(x)
     in_channels: int
+    # 2x2/2 max pools the unit applies (VGG): each halves H and W, rounding down, and would
+    # leave an empty map (NaN logits) on a smaller input; strided convs with padding cannot.
+    halvings: int = 0
 
 
 class UnitModel(nn.Module):
@@ -76,7 +79,7 @@ class UnitModel(nn.Module):
         """
         specs = self.unit_specs(train)
         first, last = self.unit_range(start, stop)
-        check_input(x, specs[first])
+        check_input(x, specs[first : last + 1], train)
         scanning = self.scanning(capture)
         if not scanning and is_stacked(self.variables):
             raise ValueError(
@@ -152,8 +155,10 @@ class UnitModel(nn.Module):
         return x
 
 
-def check_input(x, spec: UnitSpec) -> None:
-    """Rejects inputs the unit cannot take, before any shape error deep inside XLA."""
+def check_input(x, specs: Sequence[UnitSpec], train: bool) -> None:
+    """Rejects inputs the units `specs` (a range, applied in order) cannot take, before any
+    shape error deep inside XLA and before any NaN: shapes are static, so this runs at trace time."""
+    spec = specs[0]
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"input to {spec.name!r} must be an array, got {type(x).__name__}")
     if x.ndim != 4:
@@ -173,6 +178,20 @@ def check_input(x, spec: UnitSpec) -> None:
         raise TypeError(
             f"input to {spec.name!r} must be floating point, got {x.dtype}; convert uint8 "
             f"images with x.astype(jnp.float32) / 255 and normalize"
+        )
+    halvings = sum(s.halvings for s in specs)
+    if min(x.shape[1:3]) < 2**halvings:  # floor(h / 2**k) >= 1 exactly when h >= 2**k
+        side = 2**halvings
+        why = (f": its {halvings} max pools from {spec.name!r} to {specs[-1].name!r} halve H and W (rounding "
+               f"down), and an empty map gives NaN logits" if halvings else "")
+        raise ValueError(
+            f"input to {spec.name!r} must be at least {side}x{side}{why}; got shape {tuple(x.shape)}; "
+            f"resize or pad the images"
+        )
+    if train and x.shape[0] == 0:
+        raise ValueError(
+            f"train-mode apply needs a non-empty batch (BatchNorm statistics of 0 examples are NaN and "
+            f"would overwrite batch_stats); got shape {tuple(x.shape)}; skip empty batches or use train=False"
         )
 
 

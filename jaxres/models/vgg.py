@@ -76,7 +76,7 @@ class Classifier(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = adaptive_avg_pool(x, self.pool_size)
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3])  # not -1: N may be 0
         dense = functools.partial(
             nn.Dense,
             kernel_init=nn.initializers.normal(0.01),
@@ -134,7 +134,7 @@ class VGG(UnitModel):
             pool = i + 1 < len(widths) and widths[i + 1] == "M"
             name = "stem" if not specs else f"unit_{len(specs)}"
             build = functools.partial(ConvUnit, features=width, pool=pool, conv=conv, norm=norm, act=act)
-            specs.append(UnitSpec(name, build, channels))
+            specs.append(UnitSpec(name, build, channels, halvings=int(pool)))
             channels = width
         head = functools.partial(
             Classifier,

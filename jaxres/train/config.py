@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.num_steps = 64000
     c.seed = 0
+    # A new run that continues another's state: a workdir (its latest checkpoint), its
+    # checkpoints/ or best/ directory, or one step directory. Read only while this run's own
+    # workdir holds no checkpoint (e.g. to go on with a lower learning rate after a NaN).
+    c.init_from = ""
     # Optimizer: SGD with momentum and L2 weight decay (He et al. 2015).
     c.learning_rate = 0.1
     c.momentum = 0.9
@@ -44,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.decay_every_epochs = 30.0  # schedule="step"
     c.decay_factor = 0.1
     c.warmup_steps = 0  # schedule="cosine"
+    # Gradient propagation measured during training (jaxres.analysis.monitor), on a fixed probe
+    # batch of the training split, at step 0, every `analysis_every_steps` and at the end.
+    c.analysis_every_steps = 0  # 0 = off
+    c.analysis_batch_size = 32  # probe examples (the first of a seed-fixed permutation of the train split)
+    c.analysis_bn = "batch"  # BatchNorm policy: "batch" (as trained), "eval" (running statistics), "eval,batch"
+    c.analysis_unit_jacobians = 0  # per-unit ||J||_F^2 and sigma_max on this many evenly spaced units
     # Bookkeeping.
     c.log_every_steps = 100
     c.eval_every_steps = 2000  # also at the end; 0 = only at the end
@@ -62,10 +72,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"config file {path!r} does not exist (e.g. experiments/configs/cifar10.py:resnet20)")
     module_spec = importlib.util.spec_from_file_location(f"jaxres_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        module_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        config = None if get_config is None else get_config(arg) if arg else get_config()
+    except Exception as err:
+        # A mistake in the config file: name its line, not a traceback through importlib.
+        import traceback
+
+        if isinstance(err, SyntaxError):
+            lines = [err.lineno] if err.filename and Path(err.filename).resolve() == file.resolve() else []
+        else:
+            lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__)
+                     if Path(frame.filename).resolve() == file.resolve()]
+        if not lines:
+            raise
+        reason = f"{err.msg}: {(err.text or '').strip()}" if isinstance(err, SyntaxError) else str(err)
+        raise ValueError(f"config file {path}, line {lines[-1]}: {type(err).__name__}: {reason}") from err
+    if get_config is None:
         raise ValueError(f"config file {path} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    return config
 
 
 def parse_value(text: str):

@@ -35,15 +35,19 @@ AXIS = "data"
 DRIVERS = ("single", "pmap", "sharded")
 
 
-def check_batch_size(global_batch: int, num_devices: int, num_processes: int = 1) -> None:
-    """Refuses, before any compile, a global batch the devices cannot split evenly."""
+def check_batch_size(global_batch: int, num_devices: int, num_processes: int = 1, *,
+                     name: str = "global batch size") -> None:
+    """Refuses, before any compile, a batch that is empty or that the devices cannot split
+    evenly; `name` is how the message calls it (e.g. the config field "eval_batch_size")."""
+    if global_batch < 1:
+        raise ValueError(f"{name} must be a positive integer, got {global_batch!r}")
     if global_batch % num_devices:
         raise ValueError(
-            f"global batch size {global_batch} is not divisible by the {num_devices} devices; "
+            f"{name} {global_batch} is not divisible by the {num_devices} devices; "
             f"use a multiple of {num_devices} (e.g. {max(num_devices, global_batch // num_devices * num_devices)})"
         )
     if global_batch % num_processes:
-        raise ValueError(f"global batch size {global_batch} is not divisible by the {num_processes} processes")
+        raise ValueError(f"{name} {global_batch} is not divisible by the {num_processes} processes")
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ restarted with the same command ends bitwise identical (on CPU) to an uninterrup
 
 from __future__ import annotations
 
-import math
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -22,11 +22,11 @@ import numpy as np
 from jaxres import data, models
 from jaxres.train import config as config_lib
 from jaxres.train import precision
-from jaxres.train.checkpoint import Checkpoints
 from jaxres.train.drivers import check_batch_size, make_driver
 from jaxres.train.metrics import MetricsWriter, summary_table
-from jaxres.train.optim import make_optimizer, make_schedule
+from jaxres.train.optim import make_optimizer, make_schedule, schedule_reads_num_steps
 from jaxres.train.state import TrainState, checkpoint_tree, create_train_state
+from jaxres.workdir import CheckpointMismatchError, Workdir, find_checkpoint
 
 # Fields that do not change the trajectory: a resumed run may change them.
 BOOKKEEPING = {"parallel", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -87,8 +87,7 @@ class Run:
                                   donate=jax.default_backend() != "cpu")
         local = self.driver.num_devices // self.process_count
         check_batch_size(config.batch_size // self.process_count, local)
-        if config.eval_batch_size % local:
-            raise ValueError(f"eval_batch_size {config.eval_batch_size} is not divisible by the {local} local devices")
+        check_batch_size(config.eval_batch_size, local, name="eval_batch_size")
         shape = (1, self.spec.image_size, self.spec.image_size, self.spec.channels)
         loss_scale = precision.DynamicLossScale.create(config.loss_scale_initial) if config.dtype == "float16" else None
         self.state = create_train_state(self.model, tx, jax.random.PRNGKey(config.seed), shape, loss_scale)
@@ -98,6 +97,23 @@ class Run:
                                 seed=self.config.seed, transform=self.train_transform,
                                 process_index=self.process_index, process_count=self.process_count)
         return data.train_iterator(ds, num_threads=self.config.num_data_threads)
+
+    def analysis_model(self):
+        """The model as the analysis sees it: units one by one (scan_units only changes how
+        training executes them)."""
+        if getattr(self.model, "scan_units", False):
+            return self.model.clone(scan_units=False, remat_units=False)
+        return self.model
+
+    def analysis_variables(self, state: TrainState) -> dict:
+        """Host copies of `state`'s variables in the per-unit layout the analysis reads."""
+        return models.unstack_identical_units(self.model, jax.device_get(state.variables()))
+
+    def probe_batch(self, size: int):
+        """(images, labels): the analysis probe batch, a fixed set of `size` training examples
+        (the same for every run with this seed and dataset), eval transform."""
+        batch = data.probe_batch(self.train_source, transform=self.eval_transform, size=size, seed=self.config.seed)
+        return batch["image"], batch["label"]
 
     def evaluate(self, state: TrainState) -> dict:
         """Loss and accuracy over every example of the eval split (padded, masked batches);
@@ -115,13 +131,22 @@ class Run:
 
 
 def check_resumable(saved: dict, config, workdir) -> None:
-    """Refuses to continue a run whose trajectory-defining fields differ from `config`."""
+    """Refuses to continue a run whose trajectory-defining fields differ from `config`:
+    everything but the bookkeeping fields, and `num_steps` when the schedule reads it."""
     now = config_lib.to_json(config)
+    free = BOOKKEEPING - ({"num_steps"} if schedule_reads_num_steps(config) else set())
     diffs = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(saved))
-             if k not in BOOKKEEPING and saved.get(k) != now.get(k)]
-    if diffs:
-        raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume with the "
-                         f"same config or choose a new --workdir")
+             if k not in free and saved.get(k) != now.get(k)]
+    if not diffs:
+        return
+    why = ""
+    if any(d.startswith("num_steps:") for d in diffs):
+        why = (f" The {config.schedule} schedule reads num_steps, so it is part of the recipe here; it may "
+               f"change on resume only with schedules that do not read it (piecewise, step, constant).")
+    raise CheckpointMismatchError(
+        f"{workdir} holds a run with a different config ({'; '.join(diffs)}); nothing was restored or moved."
+        f"{why} Resume with the same config, or start a new run from this one's latest checkpoint with the "
+        f"new config: --workdir NEW --config.init_from={workdir}")
 
 
 class StopSignal:
@@ -156,36 +181,72 @@ def _due(step: int, every: int) -> bool:
 def train_and_evaluate(config, workdir, *, report=print) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns a summary
     dict: final step, last train metrics, final and best eval metrics, wall time, stopped
-    (True after SIGTERM). Raises NonFiniteLossError on a NaN/inf loss."""
+    (True after SIGTERM). Raises NonFiniteLossError on a NaN/inf loss, WorkdirBusyError when
+    another process trains in `workdir`, CheckpointMismatchError when it holds another run."""
     t0 = time.time()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    wd = Workdir(workdir, create=True, keep=config.keep_checkpoints)
+    # One trainer per workdir; in a multi-host job process 0 holds the lock for all.
+    with (wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()), wd:
+        summary = _train(config, wd, report)
+    summary["wall_time_s"] = time.time() - t0
+    report(format_summary(config, summary))
+    return summary
+
+
+def _start_state(config, wd: Workdir, run: Run, report):
+    """(checkpoint or None, how): the newest usable checkpoint of this run, else the one named by
+    `config.init_from` (a new run continuing another's state), else None (step 0)."""
+    target = checkpoint_tree(run.state)
+    restored = wd.restore_latest_good(target, check_config=lambda saved: check_resumable(saved, config, wd.path),
+                                      report=report)
+    if restored is not None:
+        return restored, f"resumed from checkpoint {restored.step} in {wd.directory()}"
+    if config.init_from:
+        source, kind, step = find_checkpoint(config.init_from)
+        with source:
+            restored = source.restore(step, target, kind)
+        return restored, f"started from checkpoint {step} in {source.directory(kind)} (init_from)"
+    return None, ""
+
+
+def _best_eval(config, wd: Workdir, report) -> dict | None:
+    """The eval metrics of the best checkpoint (read from its meta item alone), or None."""
+    for step in reversed(wd.steps("best")):
+        try:
+            saved_config, meta = wd.stored_json(step, "config", "best"), wd.stored_json(step, "meta", "best")
+        except Exception as err:  # noqa: BLE001 - its files cannot be read
+            wd.quarantine("best", step, err, report)
+            continue
+        check_resumable(saved_config, config, wd.path)
+        return dict(meta.get("eval", {}), step=step)
+    return None
+
+
+def _train(config, wd: Workdir, report) -> dict:
     run = Run(config)
     state = run.state
     batches = run.train_batches()
-    ckpts = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-    best = Checkpoints(workdir / "best", keep=1)
     config_json = config_lib.to_json(config)
-    restored = ckpts.restore_latest_good(checkpoint_tree(state), report=report)
+    restored, how = _start_state(config, wd, run, report)
     if restored is not None:
-        step0, tree, data_state, saved_config, _ = restored
-        check_resumable(saved_config, config, workdir)
         # Host copies: orbax hands back arrays committed to this process's first device, which a
         # multi-process driver could only place on the global mesh by cross-host transfers.
-        state = state.replace(**jax.device_get(tree))
-        batches.set_state(data_state)
-        report(f"resumed from checkpoint {step0} in {ckpts.directory}")
-    best_meta = best.restore_latest_good(checkpoint_tree(state), report=report) if best.steps() else None
-    best_eval = dict(best_meta[4].get("eval", {}), step=best_meta[0]) if best_meta else None
-    (workdir / "config.json").write_text(config.to_json(indent=2))
-    writer = MetricsWriter(workdir) if run.process_index == 0 else None
+        state = state.replace(**jax.device_get(restored.state))
+        batches.set_state(restored.data)
+        report(how)
+    best_eval = _best_eval(config, wd, report)
+    primary = run.process_index == 0
+    if primary:
+        wd.write_config(config.to_json(indent=2))
+    writer = MetricsWriter(wd.path) if primary else None
     step = int(state.step)
     if writer and restored is not None:
-        writer.event(step, "resumed")
+        writer.event(step, how)
+    monitor = _make_monitor(config, run, wd, resume_step=step if restored is not None else None) if primary else None
 
     driver = run.driver
     state = driver.put_state(state)
-    pending, last_train, last_eval, stopped = [], {}, None, False
+    pending, last_train, last_eval, stopped, saved_at = [], {}, None, False, None
     window_start, window_steps = time.time(), 0
 
     def flush():
@@ -209,18 +270,39 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
         pending, window_start, window_steps = [], time.time(), 0
 
     def stop_non_finite(what):
-        good = ckpts.latest_step()
-        where = f"checkpoint {good} in {ckpts.directory} (intact)" if good is not None else "none saved yet"
-        raise NonFiniteLossError(f"{what}; training stopped. Last good checkpoint: {where}. Lower the learning "
-                                 f"rate or check the data, then rerun to resume from it.")
+        good = wd.latest_step()
+        where = f"checkpoint {good} in {wd.directory()} (intact)" if good is not None else "none saved yet"
+        advice = (f"To go on from it with other settings (e.g. a lower learning rate), start a new run from it: "
+                  f"jaxres train ... --workdir NEW --config.init_from={wd.path}" if good is not None else
+                  "Lower the learning rate or check the data and start again")
+        raise NonFiniteLossError(f"{what}; training stopped. Last good checkpoint: {where}. {advice}.")
 
-    def save():
+    def host_tree():
         # A finite loss can still come with an overflowing update: never save such a state.
         tree = checkpoint_tree(driver.get_state(state))
         if not bool(all_finite(tree)):
             stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
-        ckpts.save(step, tree, batches.get_state(), config_json,
-                   {"eval": last_eval} if last_eval else None)
+        return tree
+
+    def save(kind="checkpoints"):
+        nonlocal saved_at
+        wd.save(step, host_tree(), batches.get_state(), config_json, {"eval": last_eval} if last_eval else None,
+                kind=kind)
+        if kind == "checkpoints":
+            saved_at = step
+
+    def measure():
+        nonlocal monitor
+        if monitor is None or step in monitor.recorded_steps():
+            return
+        try:
+            monitor.measure(step, run.analysis_variables(driver.get_state(state)))
+        except Exception as err:  # noqa: BLE001 - a failed measurement never costs the training run
+            report(f"analysis at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
+            if writer:
+                writer.event(step, f"analysis stopped: {type(err).__name__}: {err}")
+            monitor.close()
+            monitor = None
 
     from tqdm.auto import tqdm
 
@@ -228,6 +310,8 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
                     dynamic_ncols=True)
     try:
         with StopSignal() as stop:
+            if step == 0:
+                measure()
             while step < config.num_steps:
                 state, metrics = driver.train_step(state, driver.put_batch(next(batches)))
                 step += 1
@@ -236,8 +320,8 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
                 progress.update(1)
                 final = step == config.num_steps
                 evaluate = final or _due(step, config.eval_every_steps)
-                checkpoint = final or stop.received or _due(step, config.checkpoint_every_steps)
-                if _due(step, config.log_every_steps) or evaluate or checkpoint:
+                if (_due(step, config.log_every_steps) or evaluate or final or stop.received
+                        or _due(step, config.checkpoint_every_steps)):
                     flush()
                     progress.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
                 if evaluate:
@@ -246,16 +330,18 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
                         writer.write(step, "eval", last_eval)
                     if best_eval is None or last_eval["accuracy"] > best_eval["accuracy"]:
                         best_eval = dict(last_eval, step=step)
-                        tree = checkpoint_tree(driver.get_state(state))
-                        if not bool(all_finite(tree)):
-                            stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
-                        best.save(step, tree, batches.get_state(), config_json,
-                                  {"eval": last_eval})
-                if checkpoint:
+                        save("best")
+                if final or _due(step, config.analysis_every_steps):
+                    measure()
+                # Read the flag only now: a SIGTERM that arrived during the eval, the measurement or
+                # a save above must still get its checkpoint.
+                if final or stop.received or _due(step, config.checkpoint_every_steps):
                     save()
                 if stop.received:
+                    if saved_at != step:  # the signal came during the save of another kind
+                        save()
                     stopped = True
-                    report(f"SIGTERM: saved checkpoint {step} in {ckpts.directory}; rerun the same command to resume")
+                    report(f"SIGTERM: saved checkpoint {step} in {wd.directory()}; rerun the same command to resume")
                     if writer:
                         writer.event(step, "stopped by SIGTERM")
                     break
@@ -265,13 +351,25 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
         progress.close()
         if writer:
             writer.close()
-        ckpts.close()
-        best.close()
+        if monitor is not None:
+            monitor.close()
 
-    summary = {"step": step, "train": last_train, "eval": last_eval, "best_eval": best_eval,
-               "wall_time_s": time.time() - t0, "stopped": stopped, "workdir": str(workdir)}
-    report(format_summary(config, summary))
-    return summary
+    return {"step": step, "train": last_train, "eval": last_eval, "best_eval": best_eval, "stopped": stopped,
+            "workdir": str(wd.path)}
+
+
+def _make_monitor(config, run: Run, wd: Workdir, resume_step):
+    """The gradient-propagation monitor of `config.analysis_*`, or None when it is off. Every
+    check (probe batch size, the model's unit interface, a writable analysis file) happens here,
+    before training starts."""
+    if config.analysis_every_steps <= 0:
+        return None
+    from jaxres.analysis.monitor import TrainingMonitor
+
+    images, labels = run.probe_batch(config.analysis_batch_size)
+    bn = tuple(b.strip() for b in str(config.analysis_bn).split(",") if b.strip())
+    return TrainingMonitor(run.analysis_model(), images, labels, workdir=wd.path, bn=bn,
+                           unit_jacobians=config.analysis_unit_jacobians, resume_step=resume_step)
 
 
 def format_summary(config, summary: dict) -> str:
@@ -293,40 +391,31 @@ def format_summary(config, summary: dict) -> str:
 def evaluate_workdir(workdir, *, checkpoint: str = "latest", split: str = "", data_dir: str = "",
                      report=print) -> dict:
     """Evaluates a checkpoint of a run (`latest`, `best` or a step number) on its eval split
-    (or `split`), with the config stored in that checkpoint."""
-    workdir = Path(workdir)
+    (or `split`), with the config stored in that checkpoint. Reads only: a damaged checkpoint
+    is reported with the ones that can be used instead, never moved."""
     kind = "best" if checkpoint == "best" else "checkpoints"
-    if not (workdir / kind).is_dir():
-        raise FileNotFoundError(f"{workdir / kind} does not exist; train first with `jaxres train --workdir {workdir}`")
-    ckpts = Checkpoints(workdir / kind, keep=1 if kind == "best" else 10**6)
-    try:
-        steps = ckpts.steps()
-        if not steps:
-            raise FileNotFoundError(f"{workdir / kind} holds no checkpoint; train first with `jaxres train`")
-        if checkpoint in ("latest", "best"):
-            wanted = steps[-1]
-        else:
-            if not str(checkpoint).isdigit() or int(checkpoint) not in steps:
-                raise ValueError(f"no checkpoint {checkpoint!r} in {workdir / kind}; available: {steps}")
-            wanted = int(checkpoint)
-        config = config_lib.from_json(_read_config(ckpts, wanted))
-        if split:
-            config.eval_split = split
-        if data_dir:
-            config.data_dir = data_dir
-        run = Run(config, need_train=False)
-        tree = ckpts.restore(wanted, checkpoint_tree(run.state))[0]
-    finally:
-        ckpts.close()
+    wd, kind, wanted = find_checkpoint(Path(workdir) / kind, "latest" if checkpoint in ("latest", "best") else checkpoint)
+    with wd:
+        try:
+            config = config_lib.from_json(wd.stored_json(wanted, "config", kind))
+            if split:
+                config.eval_split = split
+            if data_dir:
+                config.data_dir = data_dir
+            run = Run(config, need_train=False)
+            tree = wd.restore(wanted, checkpoint_tree(run.state), kind).state
+        except (CheckpointMismatchError, FileNotFoundError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the checkpoint's files cannot be read
+            others = [s for s in wd.steps(kind) if s != wanted]
+            raise ValueError(
+                f"checkpoint {wanted} in {wd.directory(kind)} cannot be read ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); evaluate another with --checkpoint STEP "
+                f"(available: {others or 'none'}), or rerun training, which moves it aside and resumes from "
+                f"the previous one") from None
     result = run.evaluate(run.driver.put_state(run.state.replace(**tree)))
     report(summary_table([("checkpoint", f"{kind}/{wanted}"), ("model", config.model),
                           ("split", f"{config.dataset}:{config.eval_split or run.spec.eval_split}"),
                           ("loss", f"{result['loss']:.4f}"),
                           ("accuracy", f"{100 * result['accuracy']:.2f}% ({int(result['count'])} examples)")]))
     return dict(result, step=wanted)
-
-
-def _read_config(ckpts: Checkpoints, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
-    return ckpts.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -3,10 +3,11 @@ the final summary table printed at the end of a run."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
+
+from jaxres.workdir import JsonlAppender
 
 
 class MetricsWriter:
@@ -18,7 +19,7 @@ class MetricsWriter:
     def __init__(self, workdir, *, tensorboard: bool = True):
         self.path = Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most a line
+        self.lines = JsonlAppender(self.path)  # one line per write: a kill loses at most a line
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -28,34 +29,19 @@ class MetricsWriter:
     def write(self, step: int, split: str, scalars: dict) -> None:
         values = {k: float(v) for k, v in scalars.items()}
         record = {"step": int(step), "split": split, "time": round(time.time(), 3), **values}
-        self.file.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                                    for k, v in record.items()}) + "\n")
+        self.lines.write({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()})
         if self.tb is not None:
             for name, value in values.items():
                 self.tb.add_scalar(f"{split}/{name}", value, int(step))
 
     def event(self, step: int, text: str) -> None:
         """A non-scalar line (resumed, stopped, ...) in the JSONL file."""
-        self.file.write(json.dumps({"step": int(step), "split": "event", "time": round(time.time(), 3),
-                                    "event": text}) + "\n")
+        self.lines.write({"step": int(step), "split": "event", "time": round(time.time(), 3), "event": text})
 
     def close(self) -> None:
-        self.file.close()
+        self.lines.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def read_metrics(workdir) -> list[dict]:
-    """The records of `<workdir>/metrics.jsonl` (skipping a torn last line)."""
-    records = []
-    path = Path(workdir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:

@@ -63,6 +63,11 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     return optax.constant_schedule(config.learning_rate)
 
 
+def schedule_reads_num_steps(config) -> bool:
+    """Whether `config.schedule` depends on `num_steps` (then changing it changes the run)."""
+    return config.schedule == "cosine"
+
+
 def decay_mask(params, exclude_bn_and_bias: bool):
     """True for the leaves L2 weight decay applies to: all of them (the papers; Caffe decays
     every parameter), or only conv/dense kernels when `exclude_bn_and_bias`."""

@@ -1,0 +1,433 @@
+"""A training run's directory: the one module that knows its format.
+
+    DIR/.lock                  held (flock) by the process that trains in DIR; holds its PID
+    DIR/config.json            the latest invocation's config, for people (checkpoints hold their own)
+    DIR/checkpoints/<step>/    orbax checkpoints, four items each:
+                                 state  step, params, batch_stats, opt_state, rng (+ loss_scale): arrays
+                                 data   the grain training iterator's state (JSON)
+                                 config the run's config (JSON)
+                                 meta   step, time, eval metrics if any (JSON)
+    DIR/checkpoints.corrupt/   checkpoints that could not be read, moved aside (never deleted)
+    DIR/best/<step>/           the best checkpoint by eval accuracy (same items)
+    DIR/metrics.jsonl          train/eval metrics (jaxres.train.metrics)
+    DIR/analysis.jsonl         gradient propagation during training (jaxres.analysis.monitor)
+    DIR/tensorboard/           the same scalars for TensorBoard
+
+Training, `jaxres eval` and the analysis all read a run through `Workdir`. Its rule for a
+checkpoint that does not fit: one whose config or array shapes differ from what the caller
+expects is *refused* (an error, nothing moved); only one whose files cannot be read (I/O or
+format errors) is *quarantined* into `checkpoints.corrupt/` so the previous one can be used.
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+process killed mid-save leaves no half checkpoint in the step list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+ITEMS = ("state", "data", "config", "meta")
+KINDS = ("checkpoints", "best")
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another process is training in this workdir."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only file system, ...); the earlier
+    checkpoints are intact."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds another run (its config or array shapes differ); nothing was moved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One restored checkpoint."""
+
+    step: int
+    state: dict  # the arrays: step, params, batch_stats, opt_state, rng (+ loss_scale)
+    data: dict  # the training iterator's state
+    config: dict  # the run's config (JSON)
+    meta: dict  # step, time, eval metrics if any
+
+    @property
+    def variables(self) -> dict:
+        """`{"params", "batch_stats"}` for `model.apply` (batch_stats only where saved and non-empty)."""
+        return {k: self.state[k] for k in ("params", "batch_stats") if self.state.get(k)}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _shapes(tree) -> dict:
+    """{path: (shape, dtype)} of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_name(p): (tuple(np.shape(v)), str(np.dtype(v.dtype))) for p, v in leaves}
+
+
+def _path_name(path) -> str:
+    """`opt_state/1/0/trace/stem/conv1/kernel`: a tree path by its names alone, so that a
+    NamedTuple field (the live optimizer state) and the dict key orbax stores for it agree."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return "/".join(name(k) for k in path)
+
+
+def shape_differences(saved: dict, expected: dict, limit: int = 6) -> list[str]:
+    """What differs between two {path: (shape, dtype)} tables, in words."""
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(saved))]
+    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(expected))]
+    problems += [f"{k}: saved {saved[k][0]} {saved[k][1]}, now {expected[k][0]} {expected[k][1]}"
+                 for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
+    return problems[:limit] + ([f"... ({len(problems)} in all)"] if len(problems) > limit else [])
+
+
+class Workdir:
+    """The directory of one training run (see the module docstring for the layout).
+
+    `Workdir(path)` only reads; `create=True` makes the directory (and checks it can be
+    written) for a trainer. `keep` is how many periodic checkpoints to keep.
+    """
+
+    def __init__(self, path, *, create: bool = False, keep: int = 3):
+        self.path = Path(path).absolute()
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"workdir {str(path)!r} is a file, not a directory; choose another --workdir")
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+        self.keep = keep
+        if create:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                probe = self.path / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as err:
+                raise OSError(err.errno, f"cannot write to workdir {str(path)!r} ({err.strerror}); "
+                                         f"choose a writable --workdir") from None
+        elif not self.path.is_dir():
+            raise FileNotFoundError(f"workdir {str(path)!r} does not exist; train first with "
+                                    f"`jaxres train --workdir {path}`")
+        self._managers: dict[str, object] = {}
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def analysis_path(self) -> Path:
+        return self.path / "analysis.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def directory(self, kind: str = "checkpoints") -> Path:
+        if kind not in KINDS:
+            raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+        return self.path / kind
+
+    # -- the lock ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds an exclusive lock on the workdir for a trainer. The OS drops it when the process
+        exits in any way (SIGKILL included), so no stale lock is ever left; a second trainer is
+        refused with the holder's PID."""
+        path = self.path / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                raise WorkdirBusyError(
+                    f"{self.path} is in use by another training process (PID {holder}); wait for it to "
+                    f"finish, stop it (SIGTERM saves a checkpoint), or choose another --workdir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _manager(self, kind: str):
+        import orbax.checkpoint as ocp
+
+        if kind not in self._managers:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=1 if kind == "best" else self.keep,
+                create=False,
+                # Synchronous: a save has finished (and is renamed into place) when save() returns,
+                # so a checkpoint named in the log is on disk even if the process dies next.
+                enable_async_checkpointing=False,
+            )
+            # Handlers named up front, so that a fresh process can read one item (or its metadata) alone.
+            handlers = {item: ocp.JsonCheckpointHandler() for item in ITEMS if item != "state"}
+            handlers["state"] = ocp.StandardCheckpointHandler()
+            self._managers[kind] = ocp.CheckpointManager(self.directory(kind), options=options, item_handlers=handlers)
+        return self._managers[kind]
+
+    def steps(self, kind: str = "checkpoints") -> list[int]:
+        """The complete checkpoints' steps, ascending ([] when there are none)."""
+        directory = self.directory(kind)
+        if not directory.is_dir():
+            return []
+        return sorted(self._manager(kind).all_steps())
+
+    def latest_step(self, kind: str = "checkpoints") -> int | None:
+        steps = self.steps(kind)
+        return steps[-1] if steps else None
+
+    def _path_of(self, kind: str, step: int) -> Path:
+        return self.directory(kind) / str(step)
+
+    def stored_json(self, step: int, item: str = "config", kind: str = "checkpoints") -> dict:
+        """One small JSON item of checkpoint `step` ("config", "meta" or "data"), read alone."""
+        import orbax.checkpoint as ocp
+
+        return self._manager(kind).restore(int(step), args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def stored_shapes(self, step: int, kind: str = "checkpoints") -> dict:
+        """{path: (shape, dtype)} of the arrays in checkpoint `step`, from orbax's metadata alone."""
+        metadata = self._manager(kind).item_metadata(int(step))["state"]
+        return _shapes(getattr(metadata, "tree", metadata))
+
+    def restore(self, step: int, target, kind: str = "checkpoints") -> Checkpoint:
+        """Checkpoint `step`; `target` is a tree (arrays or ShapeDtypeStructs) with the
+        structure, shapes and dtypes it must have. A differing tree raises
+        CheckpointMismatchError before any array is read."""
+        import orbax.checkpoint as ocp
+
+        differences = shape_differences(self.stored_shapes(step, kind), _shapes(target))
+        if differences:
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory(kind)} holds other arrays than this run expects "
+                f"({'; '.join(differences)}); it was written by another model or version of the code")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        out = self._manager(kind).restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return Checkpoint(int(step), out["state"], out["data"], out["config"], out["meta"])
+
+    def restore_variables(self, step: int, kind: str = "checkpoints") -> dict:
+        """`{"params", "batch_stats"}` of checkpoint `step` as saved, for readers that have no
+        training state to shape a target (the analysis); the caller checks them against its model."""
+        import orbax.checkpoint as ocp
+
+        state = self._manager(kind).restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return {k: v for k, v in state["state"].items() if k in ("params", "batch_stats") and v}
+
+    def restore_latest_good(self, target, *, check_config: Callable[[dict], None] = lambda saved: None,
+                            kind: str = "checkpoints", report=print) -> Checkpoint | None:
+        """The newest checkpoint that fits and reads back, or None when there is none.
+
+        For each checkpoint, newest first: its config goes to `check_config` (which raises to
+        refuse it: nothing is moved) and its array shapes are compared with `target` (refused the
+        same way); then it is read. A checkpoint whose files cannot be read is reported, moved to
+        `<kind>.corrupt/` (so a later save cannot collide with it) and the previous one is tried."""
+        for step in reversed(self.steps(kind)):
+            try:
+                saved_config = self.stored_json(step, "config", kind)
+            except Exception as err:  # noqa: BLE001 - the files of this checkpoint cannot be read
+                self.quarantine(kind, step, err, report)
+                continue
+            check_config(saved_config)
+            try:
+                return self.restore(step, target, kind)
+            except CheckpointMismatchError:
+                raise
+            except Exception as err:  # noqa: BLE001 - it fits, yet cannot be read: damaged
+                self.quarantine(kind, step, err, report)
+        return None
+
+    def quarantine(self, kind: str, step: int, err: BaseException, report) -> None:
+        target = self.path / f"{kind}.corrupt" / f"{step}-{int(time.time())}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self._path_of(kind, step)), str(target))
+        self._manager(kind).reload()
+        report(f"checkpoint {step} in {self.directory(kind)} is unreadable ({_first_line(err)}); moved it to "
+               f"{target} and trying the previous one")
+
+    def save(self, step: int, tree: dict, data_state: dict, config: dict, meta: dict | None = None, *,
+             kind: str = "checkpoints") -> None:
+        """Writes one complete checkpoint at `step` (synchronously). A failed write (disk full,
+        read-only, ...) raises CheckpointWriteError naming the checkpoints that are intact."""
+        import orbax.checkpoint as ocp
+
+        meta = {"step": int(step), "time": time.time(), **(meta or {})}
+        try:
+            self.directory(kind).mkdir(parents=True, exist_ok=True)
+            manager = self._manager(kind)
+            manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)), force=True)
+            manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - orbax wraps OS errors in several types
+            self._drop_manager(kind)
+            intact = [s for s in self.steps(kind) if s != step]
+            raise CheckpointWriteError(
+                getattr(_os_error_in(err), "errno", None) or errno.EIO,
+                f"could not write checkpoint {step} to {self.directory(kind)} ({_reason(err)}). Earlier "
+                f"checkpoints are intact ({f'latest: {intact[-1]}' if intact else 'none saved yet'}); fix "
+                f"the cause (free disk space, permissions) and rerun the same command to resume") from err
+
+    def _drop_manager(self, kind: str) -> None:
+        manager = self._managers.pop(kind, None)
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.close()
+
+    def close(self) -> None:
+        for kind in list(self._managers):
+            self._drop_manager(kind)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the config of the latest invocation ------------------------------------------------
+    def write_config(self, config_json: str) -> None:
+        write_text_atomic(self.path / "config.json", config_json)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind `err` (orbax and tensorstore re-raise OS errors as other types)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    os_error = _os_error_in(err)
+    if os_error is not None:
+        return os.strerror(os_error.errno)
+    text = str(err)
+    for marker in ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded"):
+        if marker in text:
+            return marker
+    return _first_line(err)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file, fsync and rename: readers see the old
+    file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int]:
+    """`(workdir, kind, step)` for a path to a workdir, its `checkpoints/` or `best/` directory,
+    or one step directory in them; `step` is "latest" or a number."""
+    path = Path(path).absolute()
+    if path.name.isdigit() and path.parent.name in KINDS:
+        return Workdir(path.parent.parent), path.parent.name, int(path.name)
+    if path.name in KINDS:
+        path, kind = path.parent, path.name
+    else:
+        kind = "checkpoints"
+    workdir = Workdir(path)
+    steps = workdir.steps(kind)
+    if not steps:
+        raise FileNotFoundError(f"{workdir.directory(kind)} holds no checkpoint")
+    if step == "latest":
+        return workdir, kind, steps[-1]
+    if not str(step).isdigit() or int(step) not in steps:
+        raise ValueError(f"no checkpoint {step!r} in {workdir.directory(kind)}; available: {steps}")
+    return workdir, kind, int(step)
+
+
+def is_workdir_layout(path) -> bool:
+    """True for a path that `find_checkpoint` understands (a workdir, its checkpoint kinds, a step)."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name in KINDS:
+        return (path / "state").is_dir()
+    return path.name in KINDS and path.is_dir() or (path / "checkpoints").is_dir()
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file, skipping a torn last line ([] when it is missing)."""
+    records = []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class JsonlAppender:
+    """Appends JSON lines to a file, one write + flush per record, and reopens the file if it
+    disappears while the run goes on (deleted or moved by hand), saying so in the new file:
+    metrics are never lost silently."""
+
+    def __init__(self, path, *, fsync: bool = False):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.file = None
+        self._open()
+
+    def _open(self):
+        self.file = open(self.path, "a", buffering=1)
+        self._inode = os.fstat(self.file.fileno()).st_ino
+
+    def write(self, record: dict) -> None:
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != self._inode:
+            self.file.close()
+            self._open()
+            self._write({"step": record.get("step"), "split": "event", "time": round(time.time(), 3),
+                         "event": f"{self.path.name} was missing; reopened (earlier lines are lost)"})
+        self._write(record)
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.fsync:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
