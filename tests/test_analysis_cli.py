@@ -4,6 +4,7 @@ checkpoint restore path; one small end-to-end CLI run."""
 import json
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -169,3 +170,17 @@ def test_checkpoint_from_a_jaxres_train_workdir(tmp_path, saved_checkpoint):
     restored = check_variables(model, restore_variables(tmp_path), x)
     expected = jax.tree.map(lambda a: a + 10, dict(variables))  # the latest step
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.allclose(a, b)), restored, expected))
+
+
+def test_a_workdir_checkpoint_names_the_model_as_trained(tmp_path):
+    """`jaxres analyze --checkpoint WORKDIR` rebuilds the model from the config stored in the
+    checkpoint: a cifar_plain20 trained on Fashion-MNIST takes 1-channel images."""
+    from jaxres.cli.analyze import trained_as
+    from jaxres.workdir import Workdir
+
+    with Workdir(tmp_path, create=True) as wd:
+        wd.save(3, {"step": np.int32(3)}, {}, {"model": "cifar_plain20", "dataset": "fashion_mnist",
+                                               "model_overrides": {"activation": "tanh"}})
+    assert trained_as(tmp_path) == {"models": "cifar_plain20", "norm": "batchnorm", "activation": "tanh",
+                                    "in_channels": 1}
+    assert trained_as(tmp_path / "checkpoints" / "3") == trained_as(tmp_path)

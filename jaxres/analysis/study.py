@@ -87,6 +87,7 @@ class StudyConfig:
     tol: float = 1e-2
     max_iter: int = 32
     chunk_size: int = 64
+    in_channels: int = 3  # image channels the models take (1 for a net trained on Fashion-MNIST)
 
     def __post_init__(self):
         pick("method", self.method, dict.fromkeys(METHODS))
@@ -99,7 +100,7 @@ class StudyConfig:
         for name, value, low in (("batch_size", self.batch_size, 1), ("jacobian_examples", self.jacobian_examples, 1),
                                  ("num_probes", self.num_probes, 2), ("seed", self.seed, 0),
                                  ("jacobian_units", self.jacobian_units, 0),
-                                 ("spectrum_max_dim", self.spectrum_max_dim, 0)):
+                                 ("spectrum_max_dim", self.spectrum_max_dim, 0), ("in_channels", self.in_channels, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.batch_size < 2:
@@ -203,9 +204,8 @@ def _model_pass(name: str, setting: Setting, config: StudyConfig, cache: Segment
     returns the run (per-unit `jacobian` still None), its segments and unit inputs."""
     start = time.perf_counter()
     card = model_card(name)
-    model = create_model(name, activation=setting.activation, norm=setting.norm)
-    x, labels = study_inputs(config, (card.input_size, card.input_size, getattr(model, "in_channels", 3)),
-                             model.num_classes)
+    model = create_model(name, activation=setting.activation, norm=setting.norm, in_channels=config.in_channels)
+    x, labels = study_inputs(config, (card.input_size, card.input_size, config.in_channels), model.num_classes)
     variables = variables_for(name, model, x)
     e2e = end_to_end_norms(model, variables, x, labels, bn=setting.bn, cache=cache, return_input_grads=True,
                            return_activations=True)

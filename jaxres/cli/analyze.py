@@ -38,16 +38,42 @@ def check_output_dir(directory, option: str = "--out", expected: str = "a direct
     return directory
 
 
+DEFAULT_MODELS = "cifar_plain,cifar_resnet"
+
+
+def trained_as(checkpoint) -> dict:
+    """For a `jaxres train` workdir (or its checkpoints), the study settings that rebuild the
+    model as it was trained: its registry name, norm, activation and input channels, from the
+    config stored in the checkpoint ({} for other checkpoints, or a model not in the registry)."""
+    from jaxres.data import dataset_spec
+    from jaxres.workdir import find_checkpoint, is_workdir_layout
+
+    if not is_workdir_layout(checkpoint):
+        return {}
+    workdir, kind, step = find_checkpoint(checkpoint)
+    with workdir:
+        stored = workdir.stored_json(step, "config", kind)
+    overrides = stored.get("model_overrides") or {}
+    if stored.get("model") in ("ResNet", "VGG"):
+        return {}
+    return {"models": stored["model"], "norm": overrides.get("norm", "batchnorm"),
+            "activation": overrides.get("activation", "relu"),
+            "in_channels": overrides.get("in_channels", dataset_spec(stored["dataset"]).channels)}
+
+
 def run(args) -> int:
     from jaxres.analysis import plots, report
     from jaxres.analysis.study import StudyConfig, run_study
 
     out = check_output_dir(args.out)  # before the study, which may take an hour
+    trained = trained_as(args.checkpoint) if args.checkpoint else {}
     config = StudyConfig(
-        models=_list(args.models), depths=_list(args.depths, int), norms=_list(args.norm),
-        activations=_list(args.activation), bns=_list(args.bn), batch_size=args.batch_size,
-        method=args.method, seed=args.seed, num_probes=args.num_probes, jacobian_units=args.jacobian_units,
-        spectrum_max_dim=args.spectrum_max_dim,
+        models=_list(args.models or trained.get("models", DEFAULT_MODELS)), depths=_list(args.depths, int),
+        norms=_list(args.norm or trained.get("norm", "batchnorm,none")),
+        activations=_list(args.activation or trained.get("activation", "relu,tanh")), bns=_list(args.bn),
+        batch_size=args.batch_size, method=args.method, seed=args.seed, num_probes=args.num_probes,
+        jacobian_units=args.jacobian_units, spectrum_max_dim=args.spectrum_max_dim,
+        in_channels=args.in_channels or trained.get("in_channels", 3),
     )
     variables_for = None
     if args.checkpoint:
@@ -84,8 +110,9 @@ def register(subparsers) -> None:
         "Hutchinson with 95%% intervals, spectral norm by Lanczos), forward response stds and "
         "shattered-gradient correlations, on a fixed synthetic batch. Offline; no dataset.",
     )
-    parser.add_argument("--models", default="cifar_plain,cifar_resnet",
-                        help="families combined with --depths, or full model names (default: %(default)s)")
+    parser.add_argument("--models", default=None,
+                        help=f"families combined with --depths, or full model names (default: {DEFAULT_MODELS}; "
+                        f"with --checkpoint of a jaxres train workdir: the model it trained)")
     parser.add_argument("--depths", default="20,56,110", help="depths for the families (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="synthetic inputs per model (default: 4)")
     parser.add_argument("--method", default="auto", choices=("auto", "exact", "estimate"),
@@ -95,9 +122,13 @@ def register(subparsers) -> None:
                         help="BatchNorm policies: eval (running stats) and/or batch (batch stats); at "
                         "initialization eval-mode BN is the identity, i.e. the same as --norm none "
                         "(default: %(default)s)")
-    parser.add_argument("--activation", default="relu,tanh",
-                        help="activations, e.g. relu,tanh (default: %(default)s)")
-    parser.add_argument("--norm", default="batchnorm,none", help="normalizations (default: %(default)s)")
+    parser.add_argument("--activation", default=None,
+                        help="activations, e.g. relu,tanh (default: relu,tanh; with --checkpoint of a workdir: "
+                        "the trained one)")
+    parser.add_argument("--norm", default=None, help="normalizations (default: batchnorm,none; with --checkpoint of "
+                        "a workdir: the trained one)")
+    parser.add_argument("--in-channels", type=int, default=None,
+                        help="image channels of the models (default: 3; with --checkpoint of a workdir: its dataset's)")
     parser.add_argument("--seed", type=int, default=0, help="initialization/input/probe seed (default: 0)")
     parser.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per unit (default: 8)")
     parser.add_argument("--jacobian-units", type=int, default=4,
