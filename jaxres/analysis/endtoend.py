@@ -84,10 +84,15 @@ def _summarize(sq, num_classes):
 def logit_singular_values(rows) -> np.ndarray:
     """(N, C) descending singular values of each example's d logits / d h (C x n), exact:
     `rows` (C, N, ...) are its C rows (the class VJPs), so the squared singular values are the
-    eigenvalues of the C x C Gram matrix of the rows (float64 LAPACK)."""
+    eigenvalues of the C x C Gram matrix of the rows (float64 LAPACK). An example whose rows
+    are not finite (a diverged model) gets NaNs, where LAPACK would fail to converge."""
     r = np.asarray(rows, np.float64).reshape(rows.shape[0], rows.shape[1], -1)
-    gram = np.einsum("cnk,dnk->ncd", r, r)
-    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[:, ::-1], 0.0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = np.einsum("cnk,dnk->ncd", r, r)
+    finite = np.isfinite(gram).all(axis=(1, 2))
+    out = np.full(gram.shape[:2], np.nan)
+    out[finite] = np.sqrt(np.maximum(np.linalg.eigvalsh(gram[finite])[:, ::-1], 0.0))
+    return out
 
 
 def check_labels(labels, n: int, num_classes: int):

@@ -1,11 +1,18 @@
 """Input pipelines: TFDS/synthetic sources, the papers' augmentations, grain pipelines and
 the offline IDX importer. Training and evaluation never need TensorFlow."""
 
-from jaxres.data.pipeline import eval_batches, num_eval_batches, pad_batch, train_dataset, train_iterator
+from jaxres.data.pipeline import (
+    eval_batches,
+    num_eval_batches,
+    pad_batch,
+    probe_batch,
+    train_dataset,
+    train_iterator,
+)
 from jaxres.data.sources import DATASETS, DatasetSpec, dataset_spec, default_data_dir, load_source
 from jaxres.data.transforms import eval_transform, train_transform
 
 __all__ = [
     "DATASETS", "DatasetSpec", "dataset_spec", "default_data_dir", "eval_batches", "eval_transform",
-    "load_source", "num_eval_batches", "pad_batch", "train_dataset", "train_iterator", "train_transform",
+    "load_source", "num_eval_batches", "pad_batch", "probe_batch", "train_dataset", "train_iterator", "train_transform",
 ]

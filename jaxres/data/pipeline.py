@@ -63,6 +63,22 @@ def train_iterator(ds: grain.MapDataset, *, num_threads: int = 2, prefetch: int 
     return iter(ds.to_iter_dataset(read))
 
 
+def probe_batch(source, *, transform: Callable, size: int, seed: int) -> dict:
+    """A fixed batch of `size` examples of `source` for measuring a model during training
+    (`jaxres.analysis.monitor`): the first `size` indices of a permutation of the split drawn
+    from `seed` (numpy PCG64), read and passed through `transform(records)` - the evaluation
+    transform, no augmentation - so every run with the same dataset and seed sees the same
+    `{"image": float32 (size, H, W, C), "label": int32 (size,)}`, in permutation order.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"probe batch size must be a positive integer, got {size!r}")
+    if len(source) < size:
+        raise ValueError(f"probe batch of {size} examples needs a split with at least {size}; this one has "
+                         f"{len(source)}: use a smaller probe batch (analysis_batch_size)")
+    indices = np.random.default_rng(seed).permutation(len(source))[:size]
+    return transform(read_records(source, indices))
+
+
 def pad_batch(batch: dict, batch_size: int) -> dict:
     """Pads every array of `batch` with zeros to `batch_size` rows and adds `mask`
     (float32 (batch_size,), 1 for real examples): evaluation counts each example once."""

@@ -194,19 +194,19 @@ def train_and_evaluate(config, workdir, *, report=print) -> dict:
 
 
 def _start_state(config, wd: Workdir, run: Run, report):
-    """(checkpoint or None, how): the newest usable checkpoint of this run, else the one named by
-    `config.init_from` (a new run continuing another's state), else None (step 0)."""
+    """(checkpoint or None, how, resumed): the newest usable checkpoint of this run (resumed), else
+    the one named by `config.init_from` (a new run continuing another's state), else None (step 0)."""
     target = checkpoint_tree(run.state)
     restored = wd.restore_latest_good(target, check_config=lambda saved: check_resumable(saved, config, wd.path),
                                       report=report)
     if restored is not None:
-        return restored, f"resumed from checkpoint {restored.step} in {wd.directory()}"
+        return restored, f"resumed from checkpoint {restored.step} in {wd.directory()}", True
     if config.init_from:
         source, kind, step = find_checkpoint(config.init_from)
         with source:
             restored = source.restore(step, target, kind)
-        return restored, f"started from checkpoint {step} in {source.directory(kind)} (init_from)"
-    return None, ""
+        return restored, f"started from checkpoint {step} in {source.directory(kind)} (init_from)", False
+    return None, "", False
 
 
 def _best_eval(config, wd: Workdir, report) -> dict | None:
@@ -227,7 +227,7 @@ def _train(config, wd: Workdir, report) -> dict:
     state = run.state
     batches = run.train_batches()
     config_json = config_lib.to_json(config)
-    restored, how = _start_state(config, wd, run, report)
+    restored, how, resumed = _start_state(config, wd, run, report)
     if restored is not None:
         # Host copies: orbax hands back arrays committed to this process's first device, which a
         # multi-process driver could only place on the global mesh by cross-host transfers.
@@ -242,7 +242,9 @@ def _train(config, wd: Workdir, report) -> dict:
     step = int(state.step)
     if writer and restored is not None:
         writer.event(step, how)
-    monitor = _make_monitor(config, run, wd, resume_step=step if restored is not None else None) if primary else None
+    # Records past the starting step are a killed run's: dropped, so that a resumed run ends with
+    # the records of an uninterrupted one.
+    monitor = _make_monitor(config, run, wd, resume_step=step) if primary else None
 
     driver = run.driver
     state = driver.put_state(state)
@@ -310,7 +312,7 @@ def _train(config, wd: Workdir, report) -> dict:
                     dynamic_ncols=True)
     try:
         with StopSignal() as stop:
-            if step == 0:
+            if not resumed:  # a new run's first state (step 0, or init_from's)
                 measure()
             while step < config.num_steps:
                 state, metrics = driver.train_step(state, driver.put_batch(next(batches)))

@@ -1,0 +1,356 @@
+"""Gradient propagation measured during training, on a fixed probe batch (issue 12).
+
+`TrainingMonitor(model, images, labels, workdir=...)` measures a model at a given step with
+the library's exact routines (`end_to_end_norms`, and with `unit_jacobians > 0` the grouped
+per-unit Jacobians of `unit_groups.measure_group`) and appends one JSON object per BatchNorm
+policy to `<workdir>/analysis.jsonl` (written, flushed and fsynced line by line), with
+TensorBoard scalars and a unit x step image under `<workdir>/tensorboard/analysis`.
+
+A record (the probe batch x: (N, H, W, C); logits z: (N, C); L = mean cross-entropy over the
+N examples; h: the input of a unit, the image for `stem`):
+
+- `step`, `bn` ("batch": BatchNorm with the probe batch's statistics, as in training; "eval":
+  running statistics), `probe_size` N, `time_s` (seconds this policy's measurement took, the
+  first one including compilation; file and TensorBoard writes excluded), `loss` (L);
+- `units`: `model.unit_names()`, in order;
+- `dL_dh[unit]`: ||dL/dh|| over the whole batch tensor h (N, ...), = sqrt(sum_i ||dL/dh_i||^2)
+  from `end_to_end_norms`' per-example `loss_grad` (which includes the 1/N of the mean). With
+  bn="batch" it is the exact gradient of the batch loss, cross-example BN terms included;
+- `dlogits_dh[unit]`: `{"median", "q10", "q90"}` over examples i of `logit_jac`, i.e.
+  ||d z_i / d h_i||_F (bn="eval", exact). With bn="batch" example i's value is
+  ||sum_j d z_j / d h_i||_F (C rows: class c's cotangent e_c on every example), which adds the
+  small cross-example terms of batch statistics;
+- `dL_dW[path]`: ||dL/dW|| of every kernel, `path` = "unit/layer/kernel" as in
+  `variables["params"]`; `dL_dW_rel[path]` = ||dL/dW|| / ||W|| (Frobenius norms);
+- `response_std["unit/layerK"]`: the std over all N*H*W*C elements of each layer probe's
+  response (weight layer's normalized output, before activation / addition; He et al. 2015,
+  Fig. 7), in forward order (units, then layer1, layer2, ...); `forward_statistics` to
+  float32 rounding (the unit chain's values, not one whole-model pass);
+- only with `unit_jacobians > 0`, `unit_jacobian[unit]` for that many evenly spaced inner
+  units (`study.jacobian_unit_indices`): `frobenius_sq` = ||J||_F^2 of J = d unit(h) / d h
+  (bn="eval": example 0's per-example Jacobian; bn="batch": the whole batch map,
+  (N n_out) x (N n_in)), `exact` (True: basis JVP/VJPs; False: Hutchinson with 8 probes, used
+  when a unit needs > 256 of them), `sigma_max` = the largest singular value of the same J by
+  Lanczos to a relative Ritz residual of 1e-2 (<= 32 steps) - settings of `StudyConfig()`.
+
+Non-finite numbers are written as the strings "nan", "inf", "-inf" (as `metrics.jsonl`
+does; `float(value)` reads both forms back), so every line is strict JSON.
+
+Compiled once per run: unit ops are shared between units of one computation and cached in
+the monitor's `SegmentCache`, and the units are traced only at the first measurement (later
+ones reuse the traced segments with the new variables), so a measurement at a later step
+compiles nothing while the shapes stay the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import operator
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxres.analysis.endtoend import check_labels, end_to_end_norms
+from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
+from jaxres.analysis.study import StudyConfig, jacobian_unit_indices
+from jaxres.analysis.unit_groups import measure_group
+from jaxres.models.scan_layout import is_stacked
+from jaxres.workdir import JsonlAppender, Workdir, read_jsonl, write_text_atomic
+
+
+def json_safe(value):
+    """`value` with numpy scalars as Python numbers and non-finite floats as "nan"/"inf"/"-inf"."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    return value
+
+
+def read_analysis(workdir) -> list[dict]:
+    """The records of `<workdir>/analysis.jsonl` in file order (a line torn by a kill, or any
+    line without `step` and `bn`, is skipped)."""
+    records = read_jsonl(Workdir(workdir).analysis_path)
+    return [r for r in records if isinstance(r, dict) and {"step", "bn"} <= r.keys()]
+
+
+def _dedupe(records: list[dict]) -> list[dict]:
+    """One record per (step, bn), the last one written, at its position in the file."""
+    last = {(r["step"], r["bn"]): i for i, r in enumerate(records)}
+    return [r for i, r in enumerate(records) if last[(r["step"], r["bn"])] == i]
+
+
+def _line(record: dict) -> str:
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+def check_unit_model(model) -> tuple[str, ...]:
+    """`model.unit_names()`, or a ValueError for a model without the unit interface."""
+    names = getattr(model, "unit_names", None)
+    if not callable(names):
+        raise ValueError(
+            f"the analysis needs a model with the unit interface (model.unit_names() and "
+            f"model.apply(v, h, start=u, stop=u), see README 'The unit interface'); got {type(model).__name__}"
+        )
+    return tuple(names())
+
+
+def check_probe(model, images, labels):
+    """The probe batch as arrays: images (N, H, W, C) float with N >= 2, labels (N,) int."""
+    images = np.asarray(images)
+    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"probe images must be a float NHWC batch (N, H, W, C); got shape {images.shape} "
+                         f"{images.dtype}")
+    if images.shape[0] < 2:
+        raise ValueError(f"the probe batch needs at least 2 examples (BatchNorm batch statistics, quantiles "
+                         f"over examples); got {images.shape[0]}")
+    channels = getattr(model, "in_channels", images.shape[-1])
+    if images.shape[-1] != channels:
+        raise ValueError(f"probe images have {images.shape[-1]} channels, the model takes {channels}; got shape "
+                         f"{images.shape} (NHWC expected: pass x.transpose(0, 2, 3, 1) for NCHW)")
+    labels = check_labels(labels, images.shape[0], getattr(model, "num_classes", np.iinfo(np.int32).max))
+    return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+
+
+def check_step(value, name: str = "step") -> int:
+    """An integer >= 0 from any integer scalar (int, numpy or a 0-d jax array such as
+    `state.step`), or a ValueError naming `name`."""
+    try:
+        step = operator.index(value) if not isinstance(value, bool) else -1
+    except TypeError:
+        step = -1
+    if step < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return step
+
+
+def check_bns(bn) -> tuple[str, ...]:
+    """BatchNorm policies from a tuple or a comma-separated string ("eval,batch"), checked."""
+    bns = tuple(b.strip() for b in bn.split(",")) if isinstance(bn, str) else tuple(bn)
+    if not bns:
+        raise ValueError("bn must name at least one BatchNorm policy ('batch', 'eval')")
+    for b in bns:
+        check_bn(b)
+    return tuple(dict.fromkeys(bns))
+
+
+class ReusedSegments(SegmentCache):
+    """A `SegmentCache` that traces a model's units once per (model, input shape, policy,
+    variable shapes): later calls reuse the traced segments with the new variables (tracing
+    the 29 units of a cifar_resnet56 took ~0.8 s of every measurement otherwise)."""
+
+    def __init__(self):
+        super().__init__()
+        self._traced: dict = {}
+
+    def segments(self, model, variables, x_shape, bn: str = "eval", dtype=jnp.float32):
+        leaves, tree = jax.tree.flatten(variables)
+        shapes = tuple((np.shape(a), jnp.result_type(a)) for a in leaves)
+        key = (model, tuple(x_shape), bn, jnp.dtype(dtype), tree, shapes)
+        if key not in self._traced:
+            self._traced[key] = super().segments(model, variables, x_shape, bn, dtype)
+        return [dataclasses.replace(s, cvars=unit_variables(variables, s.name)) for s in self._traced[key]]
+
+
+def _kernel_norm(params: dict, path: str) -> float:
+    node = params
+    for key in path.split("/"):
+        node = node[key]
+    return float(np.linalg.norm(np.asarray(node, np.float64)))
+
+
+def _record(step: int, bn: str, n: int, e2e: dict, params: dict) -> dict:
+    """The record fields derived from `end_to_end_norms` (see the module docstring)."""
+    units = list(e2e["units"])
+    record = {"step": step, "bn": bn, "probe_size": n, "time_s": None, "loss": e2e["loss"], "units": units,
+              "dL_dh": {}, "dlogits_dh": {}, "dL_dW": {}, "dL_dW_rel": {}, "response_std": {}}
+    for unit, entry in e2e["units"].items():
+        loss_grad = np.asarray(entry["input"]["loss_grad"], np.float64)
+        record["dL_dh"][unit] = float(np.sqrt(np.sum(np.square(loss_grad))))
+        q10, median, q90 = np.quantile(np.asarray(entry["input"]["logit_jac"], np.float64), [0.1, 0.5, 0.9])
+        record["dlogits_dh"][unit] = {"median": float(median), "q10": float(q10), "q90": float(q90)}
+        for path, grad in entry["param_grad"].items():
+            full = f"{unit}/{path}"
+            record["dL_dW"][full] = grad
+            with np.errstate(divide="ignore", invalid="ignore"):
+                record["dL_dW_rel"][full] = float(np.float64(grad) / _kernel_norm(params, full))
+        probes = sorted((p for p in entry["forward"] if p != "out"), key=lambda p: int(p.removeprefix("layer") or 0))
+        for probe in probes:
+            record["response_std"][f"{unit}/{probe}"] = entry["forward"][probe]
+    return record
+
+
+class TrainingMonitor:
+    """Measures a model's gradient propagation on a fixed probe batch and appends the records
+    to `<workdir>/analysis.jsonl` (format: module docstring).
+
+    model: a unit-interface model; images: float NHWC (N, H, W, C), N >= 2; labels: int (N,);
+    bn: BatchNorm policies measured at every step (tuple or "eval,batch"); unit_jacobians:
+    per-unit Jacobians on that many evenly spaced inner units (0: none; costs extra JVP/VJPs).
+    resume_step: a resumed run's restored step; records after it are dropped (the file is
+    rewritten atomically), so a killed-and-resumed run ends with the records of an
+    uninterrupted one; TensorBoard events after it are purged. Records are kept unique by
+    (step, bn) in any case: a step measured again replaces its record.
+    cache: compiled unit code to share with other monitors of this process (default: a new
+    one). Bad arguments raise ValueError, an unwritable workdir OSError, here - before training.
+    """
+
+    def __init__(self, model, images, labels, *, workdir, bn=("batch",), unit_jacobians: int = 0,
+                 resume_step: int | None = None, tensorboard: bool = True, cache: ReusedSegments | None = None):
+        self.model = model
+        self.unit_names = check_unit_model(model)
+        self.images, self.labels = check_probe(model, images, labels)
+        self.bns = check_bns(bn)
+        if isinstance(unit_jacobians, bool) or not isinstance(unit_jacobians, int) or unit_jacobians < 0:
+            raise ValueError(f"unit_jacobians must be an integer >= 0 (0: none), got {unit_jacobians!r}")
+        resume_step = None if resume_step is None else check_step(resume_step, "resume_step (None: a new run)")
+        self.unit_jacobians = unit_jacobians
+        self.jacobian_config = StudyConfig(jacobian_units=unit_jacobians)
+        self.workdir = Workdir(workdir, create=True)  # OSError naming the fix when it cannot be written
+        self.path = self.workdir.analysis_path
+        try:
+            kept = [r for r in read_analysis(workdir) if resume_step is None or r["step"] <= resume_step]
+            self.records = _dedupe(kept)
+            if self.path.exists():  # drops later steps, duplicates and a torn last line
+                write_text_atomic(self.path, "".join(_line(r) for r in self.records))
+            self.lines = JsonlAppender(self.path, fsync=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot rewrite or append to {self.path} ({e.strerror or e}); pass a "
+                                   f"writable workdir") from e
+        self.cache = ReusedSegments() if cache is None else cache
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(self.workdir.tensorboard_dir / "analysis"), purge_step=purge)
+
+    def recorded_steps(self) -> set[int]:
+        """Steps whose records exist for every policy of `bn` (a step cut short is not one)."""
+        have = {(r["step"], r["bn"]) for r in self.records}
+        return {s for s, _ in have if all((s, b) in have for b in self.bns)}
+
+    def measure(self, step: int, variables: dict) -> list[dict]:
+        """Measures `variables` ({"params", "batch_stats"} in the per-unit layout, host or
+        device arrays) at `step`; appends and returns one record per BatchNorm policy."""
+        step = check_step(step)
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError("variables must be a dict with 'params' (and 'batch_stats'), as for model.apply")
+        if is_stacked(variables):
+            raise ValueError("variables are in the stacked scan_units layout; pass "
+                             "jaxres.models.unstack_identical_units(model, variables)")
+        records = self._append([self._measure_one(step, bn, variables) for bn in self.bns])
+        if self.tb is not None:
+            self._tensorboard(records)
+        return records
+
+    def _measure_one(self, step: int, bn: str, variables: dict) -> dict:
+        start = time.perf_counter()
+        e2e = end_to_end_norms(self.model, variables, self.images, self.labels, bn=bn, cache=self.cache,
+                               return_activations=self.unit_jacobians > 0)
+        record = _record(step, bn, int(self.images.shape[0]), e2e, variables["params"])
+        if self.unit_jacobians:
+            record["unit_jacobian"] = self._unit_jacobians(e2e, bn)
+        record["time_s"] = time.perf_counter() - start
+        return record
+
+    def _unit_jacobians(self, e2e: dict, bn: str) -> dict:
+        """Per-unit ||J||_F^2 and sigma_max on the sampled inner units, grouped by computation
+        (one vmapped op per group, as `jaxres analyze` does); fixed seeds, so the Hutchinson
+        probes and Lanczos starts are the same at every step."""
+        segments, hs = e2e["segments"], e2e["activations"]
+        inner = range(1, len(segments) - 1)
+        picked = sorted(i for i in jacobian_unit_indices(len(segments), self.unit_jacobians) if i in inner)
+        groups: dict[int, list[int]] = {}
+        for i in picked:
+            groups.setdefault(id(segments[i].ops), []).append(i)
+        out = {}
+        for g, members in enumerate(groups.values()):
+            results = measure_group([(segments[i], hs[i]) for i in members], [False] * len(members), bn,
+                                    self.jacobian_config, self.jacobian_config.seed + g)
+            for i, result in zip(members, results):
+                fro = result["frobenius_sq"]
+                out[segments[i].name] = {"frobenius_sq": float(np.ravel(fro["estimate"])[0]),
+                                         "sigma_max": float(result["spectral_norm"]["sigma"][0]),
+                                         "exact": fro["method"] == "exact"}
+        return {s.name: out[s.name] for s in segments if s.name in out}
+
+    def _append(self, records: list[dict]) -> list[dict]:
+        """Writes `records` as JSON lines (replacing earlier ones of the same step and policy);
+        returns them as written (non-finite numbers as strings)."""
+        records = [json_safe(r) for r in records]
+        new = {(r["step"], r["bn"]) for r in records}
+        if any((r["step"], r["bn"]) in new for r in self.records):  # measured again: replace
+            self.lines.close()
+            self.records = [r for r in self.records if (r["step"], r["bn"]) not in new]
+            write_text_atomic(self.path, "".join(_line(r) for r in self.records))
+            self.lines = JsonlAppender(self.path, fsync=True)
+        for record in records:
+            self.lines.write(record)  # one line, flushed and fsynced
+        self.records.extend(records)
+        return records
+
+    def _tensorboard(self, records: list[dict]) -> None:
+        """Per-unit scalars and the unit x step image of every record."""
+        for record in records:
+            prefix, step = f"analysis_{record['bn']}", record["step"]
+            self._scalar(f"{prefix}/loss", record["loss"], step)
+            for unit, value in record["dL_dh"].items():
+                self._scalar(f"{prefix}/dL_dh/{unit}", value, step)
+            for unit, value in record.get("unit_jacobian", {}).items():
+                self._scalar(f"{prefix}/sigma_max/{unit}", value["sigma_max"], step)
+            self.tb.add_image(f"{prefix}/log10_dL_dh_unit_by_step",
+                              gradient_map(self.records, record["bn"]), step, dataformats="HWC")
+        self.tb.flush()
+
+    def _scalar(self, tag: str, value, step: int) -> None:
+        """One finite scalar (records hold non-finite numbers as strings; those stay in the
+        JSON lines only, tensorboardX would warn about each)."""
+        value = float(value)
+        if math.isfinite(value):
+            self.tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.lines.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def gradient_map(records: list[dict], bn: str, max_width: int = 512) -> np.ndarray:
+    """uint8 (H, W, 3) image of log10 ||dL/dh||: one row band per unit (stem at the top), one
+    column band per measured step (in step order), viridis scaled to this image's finite
+    range; non-finite cells are grey. Built from the records so far (cheap: no plotting)."""
+    import matplotlib
+
+    rows = sorted((r for r in records if r["bn"] == bn), key=lambda r: r["step"])
+    units = rows[-1]["units"] if rows else []
+    values = np.array([[float(r["dL_dh"].get(u, "nan")) for r in rows] for u in units], np.float64).reshape(
+        len(units), len(rows))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(values)
+    finite = np.isfinite(logs)
+    low, high = (logs[finite].min(), logs[finite].max()) if finite.any() else (0.0, 1.0)
+    scaled = np.where(finite, (logs - low) / max(high - low, 1e-12), 0.0)
+    image = matplotlib.colormaps["viridis"](scaled)[..., :3]
+    image[~finite] = 0.5
+    cell_w = max(1, min(8, max_width // max(len(rows), 1)))
+    image = np.repeat(np.repeat(image, 6, axis=0), cell_w, axis=1)
+    return (image * 255).astype(np.uint8)

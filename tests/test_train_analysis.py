@@ -1,0 +1,98 @@
+"""Gradient propagation measured during training (`config.analysis_every_steps`): the records
+are the library's numbers, survive a kill and resume unchanged, and a bad setting or a failing
+measurement never costs the run."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxres.analysis import TrainingMonitor, end_to_end_norms, read_analysis
+from jaxres.train import train_and_evaluate
+from jaxres.train.loop import Run
+from jaxres.workdir import Workdir, read_jsonl
+from tests.test_train_loop import final_tree, tiny_config
+from tests.test_workdir_faults import QUIET, sigterm_during
+
+
+def analysis_config(**fields):
+    return tiny_config(**{"analysis_every_steps": 2, "analysis_batch_size": 8, "analysis_bn": "eval,batch", **fields})
+
+
+def numbers(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("analysed")
+    config = analysis_config()
+    train_and_evaluate(config, workdir, **QUIET)
+    return workdir, config
+
+
+def test_records_at_step_zero_every_interval_and_the_end_for_each_bn_policy(analysed):
+    records = read_analysis(analysed[0])
+    assert [(r["step"], r["bn"]) for r in records] == [(s, bn) for s in (0, 2, 4) for bn in ("eval", "batch")]
+    assert records[0]["probe_size"] == 8 and records[0]["units"][0] == "stem"
+
+
+def test_records_equal_end_to_end_norms_on_the_checkpoint_and_the_probe_batch(analysed):
+    workdir, config = analysed
+    run = Run(config)
+    images, labels = run.probe_batch(config.analysis_batch_size)
+    state = final_tree(workdir, config, 4)[0]
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    for record in read_analysis(workdir)[-2:]:
+        expected = end_to_end_norms(run.analysis_model(), variables, images, labels, bn=record["bn"])
+        for unit in record["units"]:
+            grad = np.sqrt(np.sum(np.square(expected["units"][unit]["input"]["loss_grad"])))
+            np.testing.assert_allclose(record["dL_dh"][unit], grad, rtol=1e-6)
+            np.testing.assert_allclose(record["dlogits_dh"][unit]["median"],
+                                       np.median(expected["units"][unit]["input"]["logit_jac"]), rtol=1e-6)
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_records_of_an_uninterrupted_one(analysed, monkeypatch, tmp_path):
+    # SIGTERM during the measurement at step 2 (records written, then the checkpoint), and once
+    # more a kill-like cut: records past the last checkpoint are dropped on resume.
+    sent = sigterm_during(monkeypatch, TrainingMonitor, "measure", lambda self, step, *a: step == 2)
+    assert train_and_evaluate(analysis_config(), tmp_path, **QUIET)["stopped"] and sent
+    monkeypatch.undo()
+    with open(tmp_path / "analysis.jsonl", "a") as f:  # as if killed after measuring step 4
+        f.write(open(analysed[0] / "analysis.jsonl").read().splitlines()[-1] + "\n")
+    train_and_evaluate(analysis_config(), tmp_path, **QUIET)
+    assert numbers(read_analysis(tmp_path)) == numbers(read_analysis(analysed[0]))
+
+
+def test_a_probe_batch_larger_than_the_split_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"probe batch of 100000 examples needs a split with at least 100000"):
+        train_and_evaluate(analysis_config(analysis_batch_size=100000), tmp_path, **QUIET)
+    assert Workdir(tmp_path).steps() == []
+
+
+def test_an_unwritable_analysis_file_is_refused_before_training(tmp_path):
+    os.makedirs(tmp_path / "analysis.jsonl")
+    with pytest.raises(OSError, match="analysis.jsonl"):
+        train_and_evaluate(analysis_config(), tmp_path, **QUIET)
+    assert Workdir(tmp_path).steps() == []
+
+
+def test_a_failing_measurement_never_costs_the_run(analysed, monkeypatch, tmp_path):
+    original = TrainingMonitor.measure
+
+    def measure(self, step, variables):
+        if step == 2:
+            raise FloatingPointError("simulated failure")
+        return original(self, step, variables)
+
+    monkeypatch.setattr(TrainingMonitor, "measure", measure)
+    messages = []
+    assert train_and_evaluate(analysis_config(), tmp_path, report=messages.append)["step"] == 4
+    assert any("analysis at step 2 failed (FloatingPointError: simulated failure)" in m for m in messages)
+    events = [r["event"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "event"]
+    assert any(e.startswith("analysis stopped: FloatingPointError") for e in events)
+    assert [r["step"] for r in read_analysis(tmp_path)] == [0, 0]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                     final_tree(tmp_path, analysis_config(), 4)[0],
+                                     final_tree(analysed[0], analysis_config(), 4)[0]))
