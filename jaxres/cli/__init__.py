@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `jaxres --help` lists them.
-COMMANDS = ("models", "convert", "train", "eval", "data", "bench", "analyze")
+COMMANDS = ("models", "convert", "train", "eval", "data", "bench", "analyze", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:
