@@ -12,7 +12,8 @@ import numpy as np
 from jaxres.analysis.report import atomic_write
 
 
-def _figure():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,15 +34,21 @@ def _by_setting(results):
     return groups
 
 
-def _save(fig, path: Path) -> Path:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+def save_figure(fig, path: Path) -> Path:
+    """Writes `fig` as a PNG through a temporary file and a rename, then closes it (pyplot keeps
+    every open figure alive: code that plots again and again would pile them up)."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        fig.clf()
+        pyplot().close(fig)
     return path
 
 
 def plot_norms(results: dict, path, quantity: str = "logit_jac") -> Path:
     """Median ||d logits / d h_l||_F (or `loss_grad`) vs unit index, log scale; one panel per
     setting, solid = residual, dashed = plain, one colour per depth."""
-    plt = _figure()
+    plt = pyplot()
     groups = _by_setting(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     depths = sorted({run["depth"] for run in results["runs"]})
@@ -58,13 +65,13 @@ def plot_norms(results: dict, path, quantity: str = "logit_jac") -> Path:
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle("At initialization: solid = residual, dashed = plain", fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_spectra(results: dict, path) -> Path:
     """Histograms of per-unit sigma_max(J_l) and sqrt(mean squared singular value) of the
     inner units, plain vs residual, one panel per setting (all depths pooled)."""
-    plt = _figure()
+    plt = pyplot()
     groups = _by_setting(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
     for ax, (key, runs) in zip(axes[0], groups.items()):
@@ -82,7 +89,7 @@ def plot_spectra(results: dict, path) -> Path:
         ax.set_title(_label(dict(key)), fontsize=9)
         ax.set_xlabel("singular value of a unit Jacobian")
     axes[0][-1].legend(fontsize=7)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def _spectrum_values(run, source: str) -> list[float]:
@@ -105,7 +112,7 @@ def plot_exact_spectra(results: dict, path, source: str = "logits") -> Path | No
     groups = _by_setting(results)
     if not any(_spectrum_values(run, source) for runs in groups.values() for run in runs):
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
     for ax, (key, runs) in zip(axes[0], groups.items()):
         values = {residual: [v for run in runs if run["residual"] == residual for v in _spectrum_values(run, source)]
@@ -127,4 +134,4 @@ def plot_exact_spectra(results: dict, path, source: str = "logits") -> Path | No
     title = ("Exact spectra of d logits / d h at unit_1's input, at initialization" if source == "logits"
              else "Exact singular-value spectra of unit Jacobians at initialization")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxres.analysis.plots import _figure, _save
+from jaxres.analysis.plots import pyplot, save_figure
 from jaxres.analysis.report import atomic_write
 from jaxres.workdir import read_jsonl
 
@@ -146,16 +146,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(fig, path) -> Path:
-    """Saves `fig` as a PNG atomically and closes it (the experiment replots after every run)."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return _save(fig, Path(path))
-    finally:
-        plt.close(fig)
-
-
 def _colours(plt, runs):
     depths = sorted({run["depth"] for run in runs})
     return dict(zip(depths, plt.cm.viridis(np.linspace(0.0, 0.85, max(len(depths), 1)))))
@@ -168,7 +158,7 @@ def _kinds(runs):
 def plot_errors(runs: list[dict], path) -> Path:
     """He et al. 2015 Fig. 6: training error (thin) and test error (bold) vs steps; plain nets
     left, residual nets right, one colour per depth."""
-    plt = _figure()
+    plt = pyplot()
     colours = _colours(plt, runs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, (kind, group) in zip(axes, _kinds(runs)):
@@ -188,7 +178,7 @@ def plot_errors(runs: list[dict], path) -> Path:
             ax.legend(fontsize=8, title="bold: test, thin: train", title_fontsize=7)
     axes[0].set_ylabel("error (%)")
     fig.suptitle("Fashion-MNIST: training (thin) and test (bold) error", fontsize=10)
-    return _write(fig, path)
+    return save_figure(fig, path)
 
 
 def gradient_matrix(run: dict) -> tuple[list[str], list[int], np.ndarray]:
@@ -204,7 +194,7 @@ def gradient_matrix(run: dict) -> tuple[list[str], list[int], np.ndarray]:
 def plot_gradient_heatmaps(runs: list[dict], path) -> Path:
     """Per run, log10 ||dL/dh_l|| (unit input l, probe batch) as a unit x step image on one shared
     colour scale; stem (input = the image) at the top."""
-    plt = _figure()
+    plt = pyplot()
     matrices = [gradient_matrix(run) for run in runs]
     finite = np.concatenate([m[np.isfinite(m)] for _, _, m in matrices] or [np.zeros(0)])
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -226,7 +216,7 @@ def plot_gradient_heatmaps(runs: list[dict], path) -> Path:
         ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="log10 ||dL/dh|| at the unit input")
-    return _write(fig, path)
+    return save_figure(fig, path)
 
 
 def _style(run, colours):
@@ -235,7 +225,7 @@ def _style(run, colours):
 
 def plot_gradient_ratio(runs: list[dict], path) -> Path:
     """||dL/dh|| at unit_1's input over that at the head's input vs step, every run (log scale)."""
-    plt = _figure()
+    plt = pyplot()
     colours = _colours(plt, runs)
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for run in runs:
@@ -250,13 +240,13 @@ def plot_gradient_ratio(runs: list[dict], path) -> Path:
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize=8)
-    return _write(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_response_std(runs: list[dict], path) -> Path:
     """He et al. 2015 Fig. 7 at the last measurement: std of each layer's response in forward
     order (top) and sorted by magnitude, descending (bottom)."""
-    plt = _figure()
+    plt = pyplot()
     colours = _colours(plt, runs)
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), layout="constrained")
     for run in runs:
@@ -275,7 +265,7 @@ def plot_response_std(runs: list[dict], path) -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle("Layer responses at the end of training (solid: residual, dashed: plain)", fontsize=10)
-    return _write(fig, path)
+    return save_figure(fig, path)
 
 
 def write_outputs(out_dir) -> dict:
