@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -37,6 +36,8 @@ from typing import Callable
 
 import jax
 import numpy as np
+
+from jaxres.files import write_text_atomic
 
 ITEMS = ("state", "data", "config", "meta")
 KINDS = ("checkpoints", "best")
@@ -337,21 +338,6 @@ def _reason(err: BaseException) -> str:
     return _first_line(err)
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file, fsync and rename: readers see the old
-    file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int]:
     """`(workdir, kind, step)` for a path to a workdir, its `checkpoints/` or `best/` directory,
     or one step directory in them; `step` is "latest" or a number."""
@@ -379,55 +365,3 @@ def is_workdir_layout(path) -> bool:
     if path.name.isdigit() and path.parent.name in KINDS:
         return (path / "state").is_dir()
     return path.name in KINDS and path.is_dir() or (path / "checkpoints").is_dir()
-
-
-def read_jsonl(path) -> list[dict]:
-    """The records of a JSON-lines file, skipping a torn last line ([] when it is missing)."""
-    records = []
-    path = Path(path)
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-class JsonlAppender:
-    """Appends JSON lines to a file, one write + flush per record, and reopens the file if it
-    disappears while the run goes on (deleted or moved by hand), saying so in the new file:
-    metrics are never lost silently."""
-
-    def __init__(self, path, *, fsync: bool = False):
-        self.path = Path(path)
-        self.fsync = fsync
-        self.file = None
-        self._open()
-
-    def _open(self):
-        self.file = open(self.path, "a", buffering=1)
-        self._inode = os.fstat(self.file.fileno()).st_ino
-
-    def write(self, record: dict) -> None:
-        try:
-            current = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current != self._inode:
-            self.file.close()
-            self._open()
-            self._write({"step": record.get("step"), "split": "event", "time": round(time.time(), 3),
-                         "event": f"{self.path.name} was missing; reopened (earlier lines are lost)"})
-        self._write(record)
-
-    def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        if self.fsync:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None

@@ -8,7 +8,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jaxres.analysis.report import atomic_write
+from jaxres.files import atomic_write
 from jaxres.analysis.restore import check_variables, restore_variables
 from jaxres.analysis.segments import SegmentCache, check_bn, find_segment
 from jaxres.analysis.study import StudyConfig, model_names

@@ -11,7 +11,8 @@ import pytest
 from jaxres.analysis import TrainingMonitor, end_to_end_norms, read_analysis
 from jaxres.train import train_and_evaluate
 from jaxres.train.loop import Run
-from jaxres.workdir import Workdir, read_jsonl
+from jaxres.files import read_jsonl
+from jaxres.workdir import Workdir
 from tests.test_train_loop import final_tree, tiny_config
 from tests.test_workdir_faults import QUIET, sigterm_during
 

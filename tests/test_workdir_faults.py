@@ -22,7 +22,8 @@ from jaxres.cli import main
 from jaxres.train import NonFiniteLossError, train_and_evaluate
 from jaxres.train.loop import Run
 from jaxres.train.metrics import MetricsWriter
-from jaxres.workdir import CheckpointMismatchError, Workdir, WorkdirBusyError, read_jsonl
+from jaxres.files import read_jsonl
+from jaxres.workdir import CheckpointMismatchError, Workdir, WorkdirBusyError
 from tests.test_train_loop import CONFIG, assert_trees_equal, final_tree, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -60,7 +60,8 @@ from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
 from jaxres.analysis.study import StudyConfig, jacobian_unit_indices
 from jaxres.analysis.unit_groups import measure_group
 from jaxres.models.scan_layout import is_stacked
-from jaxres.workdir import JsonlAppender, Workdir, read_jsonl, write_text_atomic
+from jaxres.files import JsonlAppender, read_jsonl, write_text_atomic
+from jaxres.workdir import Workdir
 
 
 def json_safe(value):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxres.analysis.report import atomic_write
+from jaxres.files import atomic_write
 
 
 def pyplot():

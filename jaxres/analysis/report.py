@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import re
-import tempfile
 from pathlib import Path
+
+from jaxres.files import atomic_write
 
 
 def versions() -> dict:
@@ -21,21 +21,6 @@ def versions() -> dict:
     return {"jaxres": jaxres.__version__, "jax": jax.__version__, "flax": flax.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(),
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls `write(file)` on a temporary file next to `path`, then renames it into place:
-    an error leaves no partial file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _clean(value):

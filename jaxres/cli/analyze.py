@@ -64,6 +64,7 @@ def trained_as(checkpoint) -> dict:
 def run(args) -> int:
     from jaxres.analysis import plots, report
     from jaxres.analysis.study import StudyConfig, run_study
+    from jaxres.files import write_text_atomic
 
     out = check_output_dir(args.out)  # before the study, which may take an hour
     trained = trained_as(args.checkpoint) if args.checkpoint else {}
@@ -93,7 +94,7 @@ def run(args) -> int:
     plots.plot_spectra(results, out / "spectra.png")
     exact = plots.plot_exact_spectra(results, out / "singular_values.png")
     units = plots.plot_exact_spectra(results, out / "unit_spectra.png", source="unit")
-    report.atomic_write(out / "table.txt", lambda f: f.write((table + "\n").encode()))
+    write_text_atomic(out / "table.txt", table + "\n")
     print(table)
     print(f"\n{len(results['runs'])} runs in {results['seconds']:.0f} s; wrote results.json, norms.png, "
           f"loss_grads.png, spectra.png, {'singular_values.png, ' if exact else ''}"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 from jaxres.bench.train_step import DTYPES, bench_train_step
 from jaxres.models import model_card
@@ -71,10 +69,9 @@ def run(args) -> int:
                   f"(batch {r['batch_size']}, {r['steps']} batches)")
     text = json.dumps(rows, indent=1)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-            f.write(text)
-        os.replace(f.name, args.json)
+        from jaxres.files import write_text_atomic
+
+        write_text_atomic(args.json, text)
         print(f"wrote {args.json}")
     else:
         print(text)

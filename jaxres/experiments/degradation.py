@@ -56,7 +56,7 @@ def ensure_dataset(data_dir: str, report=print) -> str:
 def finished_step(workdir) -> int | None:
     """The step of the last evaluation in `workdir`'s metrics.jsonl (the loop evaluates at the
     end of every run), or None."""
-    from jaxres.workdir import read_jsonl
+    from jaxres.files import read_jsonl
 
     steps = [r["step"] for r in read_jsonl(Path(workdir) / "metrics.jsonl") if r.get("split") == "eval"]
     return max(steps) if steps else None

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxres.analysis.plots import pyplot, save_figure
-from jaxres.analysis.report import atomic_write
-from jaxres.workdir import read_jsonl
+from jaxres.files import read_jsonl, write_text_atomic
 
 OUTPUTS = ("degradation_errors.png", "gradient_heatmaps.png", "gradient_ratio.png", "response_std.png",
            "results.md", "results.json")
@@ -286,7 +285,7 @@ def write_outputs(out_dir) -> dict:
     plot_gradient_heatmaps(runs, out / "gradient_heatmaps.png")
     plot_gradient_ratio(runs, out / "gradient_ratio.png")
     plot_response_std(runs, out / "response_std.png")
-    atomic_write(out / "results.md", lambda f: f.write((markdown_table(results) + "\n").encode()))
+    write_text_atomic(out / "results.md", markdown_table(results) + "\n")
     payload = json.dumps(_nulls(results), indent=1, allow_nan=False)
-    atomic_write(out / "results.json", lambda f: f.write(payload.encode()))
+    write_text_atomic(out / "results.json", payload)
     return results

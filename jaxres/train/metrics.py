@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from jaxres.workdir import JsonlAppender
+from jaxres.files import JsonlAppender
 
 
 class MetricsWriter:
