@@ -68,6 +68,7 @@ def test_results_count_the_later_line_of_a_repeated_step(out):
     assert plain["gradient_ratio_end_step"] == 100
     assert plain["finished"] is True and plain["steps"] == 100
     assert plain["wall_time_s"] == pytest.approx(30.5)  # both invocations
+    assert plain["analysis_time_s"] == pytest.approx(1.5)  # steps 0 and 100 (the later line) + the eval record
 
 
 def test_a_partial_run_has_nulls_where_it_has_no_numbers(out):

@@ -69,6 +69,8 @@ def load_run(workdir) -> dict:
         "train": [(r["step"], 1 - number(r.get("accuracy"))) for r in latest(metrics, "split", "train")],
         "eval": [(r["step"], 1 - number(r.get("accuracy"))) for r in latest(metrics, "split", "eval")],
         "analysis": latest(analysis, "bn", bn), "bn": bn if analysis else None,
+        # time the gradient monitor took (every policy measured), first measurement's compile included
+        "analysis_time_s": sum(number(r.get("time_s")) for b in set(bns) for r in latest(analysis, "bn", b)),
     }
 
 
@@ -109,6 +111,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
             "gradient_ratio_end": gradient_ratio(records[-1]) if records else math.nan,
             "gradient_ratio_end_step": records[-1]["step"] if records else None,
             "wall_time_s": run["wall_time_s"],
+            "analysis_time_s": run["analysis_time_s"],
         })
     return rows
 
@@ -129,8 +132,9 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| model | steps | train error % | test error % | unit_1/head grad, step 0 | at the end | wall time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | train error % | test error % | unit_1/head grad, step 0 | at the end | wall time "
+             "| of which gradient monitor |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results["runs"]:
         def num(key, spec):
             return _fmt(number(row[key]), spec)
@@ -139,9 +143,11 @@ def markdown_table(results: dict) -> str:
         steps = f"{row['steps']} / {row['num_steps'] or '?'}"
         end_step = f" (step {row['gradient_ratio_end_step']})" if row["gradient_ratio_end_step"] is not None else ""
         wall = num("wall_time_s", ".0f")
+        share = number(row["analysis_time_s"]) / number(row["wall_time_s"])
+        monitor = f"{num('analysis_time_s', '.0f')} s ({_fmt(100 * share, '.1f')} %)" if math.isfinite(share) else "-"
         lines.append(f"| {row['model']} | {steps} | {pct['final_train_error']} | {pct['final_test_error']} | "
                      f"{num('gradient_ratio_start', '.3g')} | {num('gradient_ratio_end', '.3g')}{end_step} | "
-                     f"{wall + ' s' if wall != '-' else wall} |")
+                     f"{wall + ' s' if wall != '-' else wall} | {monitor} |")
     return "\n".join(lines)
 
 
