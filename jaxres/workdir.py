@@ -66,13 +66,9 @@ class Checkpoint:
     config: dict  # the run's config (JSON)
     meta: dict  # step, time, eval metrics if any
 
-    @property
-    def variables(self) -> dict:
-        """`{"params", "batch_stats"}` for `model.apply` (batch_stats only where saved and non-empty)."""
-        return {k: self.state[k] for k in ("params", "batch_stats") if self.state.get(k)}
 
-
-def _first_line(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
+    """`Type: first line of the message` (orbax and tensorstore errors run to many lines)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
@@ -133,10 +129,6 @@ class Workdir:
         self._managers: dict[str, object] = {}
 
     # -- paths ------------------------------------------------------------------------------
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
     @property
     def analysis_path(self) -> Path:
         return self.path / "analysis.jsonl"
@@ -270,7 +262,7 @@ class Workdir:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self._path_of(kind, step)), str(target))
         self._manager(kind).reload()
-        report(f"checkpoint {step} in {self.directory(kind)} is unreadable ({_first_line(err)}); moved it to "
+        report(f"checkpoint {step} in {self.directory(kind)} is unreadable ({describe_error(err)}); moved it to "
                f"{target} and trying the previous one")
 
     def save(self, step: int, tree: dict, data_state: dict, config: dict, meta: dict | None = None, *,
@@ -335,20 +327,16 @@ def _reason(err: BaseException) -> str:
     for marker in ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded"):
         if marker in text:
             return marker
-    return _first_line(err)
+    return describe_error(err)
 
 
 def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int]:
     """`(workdir, kind, step)` for a path to a workdir, its `checkpoints/` or `best/` directory,
     or one step directory in them; `step` is "latest" or a number."""
-    path = Path(path).absolute()
-    if path.name.isdigit() and path.parent.name in KINDS:
-        return Workdir(path.parent.parent), path.parent.name, int(path.name)
-    if path.name in KINDS:
-        path, kind = path.parent, path.name
-    else:
-        kind = "checkpoints"
-    workdir = Workdir(path)
+    root, kind, named = _parts(Path(path).absolute())
+    workdir = Workdir(root)
+    if named is not None:
+        return workdir, kind, named
     steps = workdir.steps(kind)
     if not steps:
         raise FileNotFoundError(f"{workdir.directory(kind)} holds no checkpoint")
@@ -359,9 +347,16 @@ def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int
     return workdir, kind, int(step)
 
 
+def _parts(path: Path) -> tuple[Path, str, int | None]:
+    """(workdir, kind, step or None) that a path to a workdir, a kind directory or a step names."""
+    if path.name.isdigit() and path.parent.name in KINDS:
+        return path.parent.parent, path.parent.name, int(path.name)
+    if path.name in KINDS:
+        return path.parent, path.name, None
+    return path, "checkpoints", None
+
+
 def is_workdir_layout(path) -> bool:
     """True for a path that `find_checkpoint` understands (a workdir, its checkpoint kinds, a step)."""
-    path = Path(path)
-    if path.name.isdigit() and path.parent.name in KINDS:
-        return (path / "state").is_dir()
-    return path.name in KINDS and path.is_dir() or (path / "checkpoints").is_dir()
+    root, kind, step = _parts(Path(path))
+    return (root / kind if step is None else root / kind / str(step) / "state").is_dir()

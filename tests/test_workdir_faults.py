@@ -298,3 +298,10 @@ def test_after_a_nan_stop_a_new_run_goes_on_from_the_last_good_checkpoint(tmp_pa
     first = [r for r in read_jsonl(tmp_path / "retry" / "metrics.jsonl") if r["split"] == "train"][0]
     assert first["step"] == good + 1
     assert json.loads((tmp_path / "retry" / "config.json").read_text())["init_from"] == str(tmp_path / "bad")
+
+
+def test_eval_passes_a_data_problem_through_instead_of_blaming_the_checkpoint(finished, capsys):
+    # The checkpoint is fine; the split is not: the message must say so, not "cannot be read".
+    assert main(["eval", "--workdir", str(finished[0]), "--split", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "nonsense" in err and "cannot be read" not in err, err

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxres.models import unstack_identical_units
-from jaxres.workdir import find_checkpoint, is_workdir_layout
+from jaxres.workdir import describe_error, find_checkpoint, is_workdir_layout
 
 
 def find_pytree_dir(path) -> Path:
@@ -69,8 +69,7 @@ def _readable(path, read):
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        first = str(err).splitlines()[0][:200] if str(err) else ""
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {first}): its files "
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({describe_error(err)}): its files "
                          f"are damaged or it is not an orbax checkpoint") from None
 
 

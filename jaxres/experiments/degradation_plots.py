@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxres.analysis.plots import pyplot, save_figure
+from jaxres.analysis.monitor import read_analysis
 from jaxres.files import read_jsonl, write_text_atomic
 
 OUTPUTS = ("degradation_errors.png", "gradient_heatmaps.png", "gradient_ratio.png", "response_std.png",
@@ -59,7 +60,7 @@ def load_run(workdir) -> dict:
     """One run's curves and gradient records, as read from its workdir."""
     workdir = Path(workdir)
     metrics = read_jsonl(workdir / "metrics.jsonl")
-    analysis = read_jsonl(workdir / "analysis.jsonl")
+    analysis = read_analysis(workdir)
     bns = [r.get("bn") for r in analysis]
     bn = ANALYSIS_BN if ANALYSIS_BN in bns or not bns else bns[0]
     config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else {}

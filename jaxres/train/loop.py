@@ -25,7 +25,7 @@ from jaxres.train.drivers import check_batch_size, make_driver
 from jaxres.train.metrics import MetricsWriter, summary_table
 from jaxres.train.optim import make_optimizer, make_schedule, schedule_reads_num_steps
 from jaxres.train.state import TrainState, checkpoint_tree, create_train_state
-from jaxres.workdir import CheckpointMismatchError, Workdir, find_checkpoint
+from jaxres.workdir import CheckpointMismatchError, Workdir, describe_error, find_checkpoint
 
 # Fields that do not change the trajectory: a resumed run may change them.
 BOOKKEEPING = {"parallel", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -134,12 +134,12 @@ def check_resumable(saved: dict, config, workdir) -> None:
     everything but the bookkeeping fields, and `num_steps` when the schedule reads it."""
     now = config_lib.to_json(config)
     free = BOOKKEEPING - ({"num_steps"} if schedule_reads_num_steps(config) else set())
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(saved))
-             if k not in free and saved.get(k) != now.get(k)]
-    if not diffs:
+    changed = [k for k in sorted(set(now) | set(saved)) if k not in free and saved.get(k) != now.get(k)]
+    if not changed:
         return
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in changed]
     why = ""
-    if any(d.startswith("num_steps:") for d in diffs):
+    if "num_steps" in changed:
         why = (f" The {config.schedule} schedule reads num_steps, so it is part of the recipe here; it may "
                f"change on resume only with schedules that do not read it (piecewise, step, constant).")
     raise CheckpointMismatchError(
@@ -368,8 +368,7 @@ def _make_monitor(config, run: Run, wd: Workdir, resume_step):
     from jaxres.analysis.monitor import TrainingMonitor
 
     images, labels = run.probe_batch(config.analysis_batch_size)
-    bn = tuple(b.strip() for b in str(config.analysis_bn).split(",") if b.strip())
-    return TrainingMonitor(run.analysis_model(), images, labels, workdir=wd.path, bn=bn,
+    return TrainingMonitor(run.analysis_model(), images, labels, workdir=wd.path, bn=config.analysis_bn,
                            unit_jacobians=config.analysis_unit_jacobians, resume_step=resume_step)
 
 
@@ -396,24 +395,28 @@ def evaluate_workdir(workdir, *, checkpoint: str = "latest", split: str = "", da
     is reported with the ones that can be used instead, never moved."""
     kind = "best" if checkpoint == "best" else "checkpoints"
     wd, kind, wanted = find_checkpoint(Path(workdir) / kind, "latest" if checkpoint in ("latest", "best") else checkpoint)
+    def unreadable(err):
+        others = [s for s in wd.steps(kind) if s != wanted]
+        return ValueError(f"checkpoint {wanted} in {wd.directory(kind)} cannot be read ({describe_error(err)}); "
+                          f"evaluate another with --checkpoint STEP (available: {others or 'none'}), or rerun "
+                          f"training, which moves it aside and resumes from the previous one")
+
     with wd:
         try:
             config = config_lib.from_json(wd.stored_json(wanted, "config", kind))
-            if split:
-                config.eval_split = split
-            if data_dir:
-                config.data_dir = data_dir
-            run = Run(config, need_train=False)
+        except Exception as err:  # noqa: BLE001 - the checkpoint's files cannot be read
+            raise unreadable(err) from None
+        if split:
+            config.eval_split = split
+        if data_dir:
+            config.data_dir = data_dir
+        run = Run(config, need_train=False)  # its own errors (a missing dataset, ...) pass through as they are
+        try:
             tree = wd.restore(wanted, checkpoint_tree(run.state), kind).state
-        except (CheckpointMismatchError, FileNotFoundError):
+        except CheckpointMismatchError:
             raise
         except Exception as err:  # noqa: BLE001 - the checkpoint's files cannot be read
-            others = [s for s in wd.steps(kind) if s != wanted]
-            raise ValueError(
-                f"checkpoint {wanted} in {wd.directory(kind)} cannot be read ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200] if str(err) else ''}); evaluate another with --checkpoint STEP "
-                f"(available: {others or 'none'}), or rerun training, which moves it aside and resumes from "
-                f"the previous one") from None
+            raise unreadable(err) from None
     result = run.evaluate(run.driver.put_state(run.state.replace(**tree)))
     report(summary_table([("checkpoint", f"{kind}/{wanted}"), ("model", config.model),
                           ("split", f"{config.dataset}:{config.eval_split or run.spec.eval_split}"),
