@@ -19,11 +19,11 @@ GLOBAL_BATCH, STEPS = 16, 3
 
 def main(driver_kind: str, num_devices: int, process_id: int = 0, num_processes: int = 1, port: int = 0):
     jax.config.update("jax_num_cpu_devices", num_devices)
-    from jaxres.parallel import initialize_distributed
+    from jaxres.train.distributed import initialize_distributed
 
     initialize_distributed(f"localhost:{port}", num_processes, process_id)
     from jaxres.models import ResNet
-    from jaxres.parallel import make_driver
+    from jaxres.train.drivers import make_driver
     from jaxres.train.state import create_train_state
 
     model = ResNet(stage_sizes=(1, 1), widths=(4, 8), stem="cifar", shortcut="A", num_classes=10)

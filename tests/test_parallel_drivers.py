@@ -1,4 +1,4 @@
-"""The pmap and sharded drivers give the single-device result (issue 5)."""
+"""The pmap and sharded drivers give the single-device result."""
 
 import json
 import os
@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxres.parallel import check_batch_size, initialize_distributed, make_driver
+from jaxres.train.distributed import initialize_distributed
+from jaxres.train.drivers import check_batch_size, make_driver
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = [sys.executable, str(ROOT / "tests" / "parallel_worker.py")]

@@ -6,6 +6,7 @@ import pytest
 
 import jaxres
 from jaxres.weights import list_torchvision_weights, torchvision_weights
+from jaxres.weights.descriptors import hub_weights
 from jaxres.weights.torchvision import convertible_models
 
 
@@ -35,6 +36,16 @@ def test_every_convertible_model_has_weights_and_the_zoo_parameter_count():
         # the zoo's model has exactly the parameters torchvision's meta states
         assert jaxres.model_card(descriptor.model).params == descriptor.num_params, descriptor.model
 
+
+
+def test_every_descriptor_names_timms_hub_copy():
+    # timm's resnet.py and vgg.py default_cfgs: hf_hub_id 'timm/', tags tv_in1k (V1) and tv2_in1k (V2)
+    expected = {f"hf-hub:timm/vgg{d}{bn}.tv_in1k" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
+    expected |= {f"hf-hub:timm/resnet{d}.tv_in1k" for d in (18, 34, 50, 101, 152)}
+    expected |= {f"hf-hub:timm/resnet{d}.tv2_in1k" for d in (50, 101, 152)}
+    assert {d.hub_spec for d in list_torchvision_weights()} == expected
+    assert hub_weights("timm/resnet50.tv2_in1k") == torchvision_weights("resnet50", "IMAGENET1K_V2")
+    assert hub_weights("timm/resnet50.a1_in1k") is None  # timm's own recipe: not torchvision's weights
 
 def test_unknown_model_or_tag_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"no ImageNet weights for 'resnet51'; did you mean 'resnet50'"):

@@ -2,6 +2,7 @@
 
     jaxres convert torchvision --model resnet50 --from resnet50-11ad3fa6.pth --out weights/
     jaxres convert torchvision --model resnet50 --weights IMAGENET1K_V2 --out weights/ --verify
+    jaxres convert torchvision --from hf-hub:timm/resnet50.tv2_in1k --out weights/   # no torch
 
 writes weights/resnet50.safetensors (format: jaxres/weights/io.py), loadable without torch by
 `jaxres.pretrained("resnet50", "weights/resnet50.safetensors")`.
@@ -12,11 +13,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxres.cli.analyze import check_output_dir
+from jaxres.cli.paths import check_output_dir
 from jaxres.models.complexity import count_params
-from jaxres.weights.descriptors import TORCHVISION_WEIGHTS, torchvision_weights
+from jaxres.weights.cache import fetch_torchvision_file
+from jaxres.weights.descriptors import TORCHVISION_WEIGHTS, hub_weights, torchvision_weights
+from jaxres.weights.hub import HUB_PREFIX, fetch_hub_file, hub_model_name, parse_hub_spec
 from jaxres.weights.io import save_weights
-from jaxres.weights.loading import fetch_torchvision_file
 from jaxres.weights.state_dict import identify, read_state_dict, state_dict_num_classes
 from jaxres.weights.torchvision import convertible_models, from_torchvision
 
@@ -47,6 +49,13 @@ def convert(args) -> int:
             raise ValueError("--weights needs --model (e.g. --model resnet50)")
         descriptor = torchvision_weights(args.model, args.weights)
         source = fetch_torchvision_file(descriptor)
+    elif args.source.startswith(HUB_PREFIX):
+        repo_id, _ = parse_hub_spec(args.source)
+        descriptor = hub_weights(repo_id)
+        source = fetch_hub_file(args.source)
+        holds = hub_model_name(repo_id)
+        if args.model and holds and args.model != holds:
+            raise ValueError(f"{args.source} holds timm's {holds} weights, not {args.model}; pass --model {holds}")
     else:
         source = Path(args.source)
         descriptor = None
@@ -60,7 +69,12 @@ def convert(args) -> int:
     if path.exists() and not args.overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it, or another --out")
     variables = from_torchvision(state_dict, model, num_classes=num_classes)
-    source_text = f"torchvision {descriptor.spec} {descriptor.url}" if descriptor else f"torchvision state_dict {os.path.basename(source)}"
+    if args.source and args.source.startswith(HUB_PREFIX):
+        source_text = args.source + (f" (timm's copy of torchvision {descriptor.spec})" if descriptor else "")
+    elif descriptor:
+        source_text = f"torchvision {descriptor.spec} {descriptor.url}"
+    else:
+        source_text = f"torchvision state_dict {os.path.basename(source)}"
     save_weights(
         path, variables, model, num_classes=num_classes, source=source_text,
         preprocessing=descriptor.preprocessing if descriptor else None, overwrite=args.overwrite,
@@ -91,7 +105,8 @@ def register(subparsers) -> None:
     parser.add_argument("source_format", choices=["torchvision"], help="where the weights come from")
     parser.add_argument("--model", help="registry name (default: recognized from the file): "
                         + ", ".join(convertible_models()))
-    parser.add_argument("--from", dest="source", metavar="FILE", help="a torchvision state_dict: .pth, .pt or .safetensors")
+    parser.add_argument("--from", dest="source", metavar="FILE", help="a torchvision state_dict: .pth, .pt or "
+                        ".safetensors, or timm's Hub copy as hf-hub:timm/MODEL.TAG (e.g. hf-hub:timm/resnet50.tv2_in1k)")
     parser.add_argument("--weights", metavar="TAG", help="torchvision's published weights from its cache or "
                         "download: IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (needs torch)")
     parser.add_argument("--out", required=True, help="output directory (writes MODEL.safetensors) or a .safetensors path")

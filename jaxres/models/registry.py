@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import inspect
 from typing import Callable
 
+from jaxres.choices import closest_names
 from jaxres.models import complexity
-from jaxres.models.layers import check_num_classes, closest_names
+from jaxres.models.layers import check_num_classes_or_features
 from jaxres.models.resnet import ResNet, cifar_resnet, imagenet_resnet
 from jaxres.models.units import UnitModel
 from jaxres.models.vgg import VGG, cifar_vgg, vgg
@@ -100,12 +102,20 @@ for _depth in (164, 1001):
              HE2016, "CIFAR, bottleneck blocks")
 
 
-def list_models(family: str | None = None) -> list[str]:
-    """Registry names, optionally of one family ("vgg", "resnet", "cifar_plain", ...)."""
+def list_models(filter: str | None = None) -> list[str]:
+    """Registry names, in registry order; `filter` selects a family ("vgg", "resnet",
+    "cifar_plain", ...) or, when it holds a wildcard (`*`, `?`, `[`), the names matching it as
+    a shell pattern ("resnet*", "*vgg16*"). `jaxres.list_models(..., pretrained=True)` keeps
+    the names with published weights."""
+    if filter is not None and any(c in filter for c in "*?["):
+        return [name for name in _REGISTRY if fnmatch.fnmatchcase(name, filter)]
     families = {card.family for card in _REGISTRY.values()}
-    if family is not None and family not in families:
-        raise ValueError(f"unknown family {family!r}{closest_names(family, families)} (valid: {', '.join(sorted(families))})")
-    return [name for name, card in _REGISTRY.items() if family in (None, card.family)]
+    if filter is not None and filter not in families:
+        raise ValueError(
+            f"unknown family {filter!r}{closest_names(filter, families)} (valid: {', '.join(sorted(families))}; "
+            f"or a pattern such as 'resnet*')"
+        )
+    return [name for name, card in _REGISTRY.items() if filter in (None, card.family)]
 
 
 def model_card(name: str) -> ModelCard:
@@ -117,21 +127,20 @@ def model_card(name: str) -> ModelCard:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, num_classes: int | None = None, weights=None, **overrides):
+def create_model(name: str, *, num_classes: int | None = None, **overrides) -> UnitModel:
     """Builds the registry entry `name` with any field of its model class overridden.
 
     Overrides are the model dataclass's fields (`activation`, `norm`, `kernel_init`,
     `residual`, `shortcut`, `zero_init_residual`, `dtype`, ...); `depth` of the CIFAR
-    ResNets is fixed by the name: pick another entry instead.
-
-    With `weights` (a spec: "torchvision:IMAGENET1K_V2", a jaxres weights file, a torchvision
-    .pth/.safetensors) it returns `(model, variables)`, since Flax modules hold no parameters;
-    see `jaxres.weights.pretrained`.
+    ResNets is fixed by the name: pick another entry instead. Flax modules hold no
+    parameters: for a model with pretrained weights use `jaxres.pretrained(name, weights)`,
+    which returns `(model, variables)`.
     """
-    if weights is not None:
-        from jaxres.weights.loading import pretrained  # lazy: jaxres.weights imports the registry
-
-        return pretrained(name, weights, num_classes=num_classes, **overrides)
+    if "weights" in overrides:
+        raise TypeError(
+            f"create_model builds a model without weights; for pretrained weights use "
+            f"model, variables = jaxres.pretrained({name!r}, {overrides['weights']!r})"
+        )
     card = model_card(name)
     valid = _override_names(card)
     unknown = sorted(set(overrides) - valid)
@@ -141,7 +150,7 @@ def create_model(name: str, *, num_classes: int | None = None, weights=None, **o
             f"{name} got unknown override(s) {', '.join(unknown)}{hints}; valid overrides: {', '.join(sorted(valid))}"
         )
     if num_classes is not None:
-        check_num_classes(num_classes)
+        check_num_classes_or_features(num_classes)
         overrides["num_classes"] = num_classes
     return card.build(**overrides)
 

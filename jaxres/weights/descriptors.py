@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxres.models.layers import closest_names
+from jaxres.choices import closest_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision.transforms._presets.ImageClassification
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,7 +73,16 @@ class WeightDescriptor:
     def num_classes(self) -> int:
         return 1000
 
+    @property
+    def hub_spec(self) -> str:
+        """The `weights=` string of the same weights as timm republishes them on the Hugging Face Hub."""
+        return f"hf-hub:timm/{self.model}.{HUB_TAGS[self.tag]}"
 
+
+# timm republishes each file on the Hugging Face Hub as timm/<model>.<tag> (timm's resnet.py and
+# vgg.py default_cfgs); its tv_in1k files are torchvision's V1 weights under their older file
+# names (e.g. resnet50-19c8e357.pth), which torchvision reports with the same accuracy.
+HUB_TAGS = {"IMAGENET1K_V1": "tv_in1k", "IMAGENET1K_V2": "tv2_in1k"}
 _BASE = "https://download.pytorch.org/models/"
 _V1_PREP = Preprocessing(resize_size=256)
 _V2_PREP = Preprocessing(resize_size=232)  # the 2021 recipe evaluates at resize 232 (torchvision #3995)
@@ -139,3 +148,16 @@ def torchvision_weights(model: str, tag: str = "DEFAULT") -> WeightDescriptor:
 def list_torchvision_weights(model: str | None = None) -> list[WeightDescriptor]:
     """Every descriptor, or those of one model, in table order."""
     return [d for d in TORCHVISION_WEIGHTS.values() if model in (None, d.model)]
+
+
+def published_models() -> list[str]:
+    """Registry names with published ImageNet weights, in table order."""
+    return list(dict.fromkeys(d.model for d in TORCHVISION_WEIGHTS.values()))
+
+
+def hub_weights(repo_id: str) -> WeightDescriptor | None:
+    """The descriptor of the weights timm republishes as Hub repository `repo_id`, if any."""
+    for descriptor in TORCHVISION_WEIGHTS.values():
+        if descriptor.hub_spec == f"hf-hub:{repo_id}":
+            return descriptor
+    return None

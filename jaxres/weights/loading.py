@@ -1,4 +1,4 @@
-"""Pretrained models: `(model, variables)` from a weights spec.
+"""Pretrained models: `(model, variables)` from a weights spec; the one entry point.
 
 Flax modules hold no parameters, so a pretrained model is the pair
 
@@ -10,6 +10,8 @@ A weights spec is one of
   torchvision's published file, taken from torchvision's own cache
   (`$TORCH_HOME/hub/checkpoints`, as `torchvision.models.resnet50(weights=...)` uses it) or
   downloaded into it (needs torch and internet), then converted;
+- "hf-hub:timm/resnet50.tv2_in1k" (timm's copy of the same weights on the Hugging Face Hub,
+  a safetensors file: no torch needed), through the huggingface_hub cache (hub.py);
 - the path of a jaxres weights file (`jaxres convert` writes them; no torch needed);
 - the path of a torchvision state_dict, `.pth` (needs torch) or `.safetensors`.
 """
@@ -17,15 +19,16 @@ A weights spec is one of
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 
 import jax
 
 from jaxres.models import create_model
+from jaxres.models import list_models as list_registry
 from jaxres.models.units import UnitModel
-from jaxres.weights.descriptors import WeightDescriptor, torchvision_weights
-from jaxres.weights.head import classifier_path, fresh_classifier
+from jaxres.weights.cache import fetch_torchvision_file
+from jaxres.weights.descriptors import published_models, torchvision_weights
+from jaxres.weights.head import fresh_classifier, warn_fresh_classifier
+from jaxres.weights.hub import HUB_PREFIX, fetch_hub_file, hub_model_name, parse_hub_spec
 from jaxres.weights.io import FORMAT, load_weights, read_weights_info
 from jaxres.weights.state_dict import read_state_dict, state_dict_num_classes
 from jaxres.weights.torchvision import from_torchvision
@@ -33,72 +36,29 @@ from jaxres.weights.torchvision import from_torchvision
 TORCHVISION_PREFIX = "torchvision:"
 
 
-class WeightsUnavailableError(FileNotFoundError):
-    """Published weights that are neither in the local cache nor downloadable now."""
+def list_models(filter: str | None = None, *, pretrained: bool = False) -> list[str]:
+    """Registry names (`jaxres.models.list_models`: a family or a shell pattern such as
+    "resnet*"); with `pretrained=True` only those with published ImageNet weights, which
+    `jaxres.pretrained(name)` loads."""
+    names = list_registry(filter)
+    if not pretrained:
+        return names
+    published = set(published_models())
+    return [name for name in names if name in published]
 
 
-def torch_hub_dir() -> Path:
-    """torch.hub.get_dir(), computed without importing torch: $TORCH_HOME/hub, where
-    TORCH_HOME defaults to $XDG_CACHE_HOME/torch, i.e. ~/.cache/torch."""
-    try:
-        import torch.hub
-
-        return Path(torch.hub.get_dir())
-    except ImportError:
-        cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        return Path(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
-
-
-def torchvision_cache_path(descriptor: WeightDescriptor) -> Path:
-    """Where torchvision keeps (or would download) this file."""
-    return torch_hub_dir() / "checkpoints" / descriptor.filename
-
-
-def _download(url: str, destination: Path, hash_prefix: str) -> None:
-    import torch.hub
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    # torch's own downloader: writes a temporary file, checks the sha256 prefix, then renames.
-    torch.hub.download_url_to_file(url, str(destination), hash_prefix=hash_prefix, progress=True)
-
-
-def fetch_torchvision_file(descriptor: WeightDescriptor, *, download: bool = True) -> Path:
-    """The cached torchvision file of `descriptor`, downloading it into the cache if needed.
-
-    A file already in the cache is used as is (as torchvision does); a download is checked
-    against the sha256 prefix in its name. Raises WeightsUnavailableError naming the URL and
-    the cache path when the file is absent and cannot be downloaded.
-    """
-    cached = torchvision_cache_path(descriptor)
-    if cached.is_file():
-        return cached
-    fix = (
-        f"download {descriptor.url} on a machine with internet and copy it to {cached}, or run "
-        f"`jaxres convert torchvision --model {descriptor.model} --from {descriptor.filename} --out DIR` "
-        f"where the file is and load the result with weights='DIR/{descriptor.model}.safetensors'"
-    )
-    if not download:
-        raise WeightsUnavailableError(f"{descriptor.filename} is not in torchvision's cache ({cached}); {fix}")
-    try:
-        import torch.hub  # noqa: F401
-    except ImportError:
-        raise WeightsUnavailableError(
-            f"{descriptor.spec} weights of {descriptor.model} are not in torchvision's cache ({cached}) and "
-            f"downloading and reading them needs torch (pip install 'jaxres[torch]'); or {fix}"
-        ) from None
-    try:
-        _download(descriptor.url, cached, descriptor.sha256_prefix)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
-        raise WeightsUnavailableError(
-            f"cannot download {descriptor.url} into torchvision's cache {cached} ({err}); {fix}"
-        ) from None
-    return cached
+def _without_classifier(variables: dict, model: UnitModel) -> dict:
+    params = dict(variables["params"])
+    params["head"] = {k: v for k, v in params["head"].items() if k != model.classifier_path()[-1]}
+    if not params["head"]:
+        del params["head"]
+    return {**variables, "params": params}
 
 
 def _replace_classifier(variables: dict, model: UnitModel, rng: jax.Array) -> dict:
     params = dict(variables["params"])
     head = dict(params["head"])
-    head[classifier_path(model)[-1]] = fresh_classifier(model, rng)
+    head[model.classifier_path()[-1]] = fresh_classifier(model, rng)
     params["head"] = head
     return {**variables, "params": params}
 
@@ -115,9 +75,11 @@ def pretrained(
     """(model, variables): registry model `name` with the weights spec `weights` loaded.
 
         model, variables = jaxres.pretrained("vgg16", "torchvision:IMAGENET1K_V1")
+        model, variables = jaxres.pretrained("resnet50", "hf-hub:timm/resnet50.tv2_in1k")  # no torch
         model, variables = jaxres.pretrained("resnet50", "out/resnet50.safetensors", num_classes=10)
 
-    `num_classes` defaults to the weights' own. With another number, everything but the last
+    `num_classes` defaults to the weights' own; 0 loads everything but the classifier (the model
+    returns pooled features). With another number, everything but the last
     linear layer is loaded and that layer is initialized from `rng` (default
     `jax.random.key(0)`), with a warning. Overrides are `create_model`'s (e.g.
     `param_dtype=jnp.bfloat16`). `download=False` never touches the network. Errors name the
@@ -127,15 +89,21 @@ def pretrained(
     if isinstance(weights, str) and weights.startswith(TORCHVISION_PREFIX):
         descriptor = torchvision_weights(name, weights[len(TORCHVISION_PREFIX):])
         state_dict = read_state_dict(fetch_torchvision_file(descriptor, download=download))
-        model = create_model(name, num_classes=num_classes, **overrides)
-        return model, from_torchvision(state_dict, model, rng=rng)
+        return _from_state_dict(name, state_dict, num_classes, rng, overrides)
+    if isinstance(weights, str) and weights.startswith(HUB_PREFIX):
+        repo_id, _ = parse_hub_spec(weights)
+        holds = hub_model_name(repo_id)
+        if holds is not None and holds != name:
+            raise ValueError(f"{weights} holds timm's {holds} weights, not {name}; load it as {holds!r}")
+        state_dict = read_state_dict(fetch_hub_file(weights, download=download))
+        return _from_state_dict(name, state_dict, num_classes, rng, overrides)
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be a spec string or a path, got {type(weights).__name__}")
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"weights {path!r} is neither 'torchvision:<TAG>' (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) nor an "
-            f"existing file"
+            f"weights {path!r} is neither 'torchvision:<TAG>' (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), "
+            f"'hf-hub:OWNER/NAME' (e.g. hf-hub:timm/resnet50.tv2_in1k) nor an existing file"
         )
     if path.endswith(".safetensors") and _is_jaxres_file(path):
         info = read_weights_info(path)
@@ -146,23 +114,18 @@ def pretrained(
         if num_classes is None or num_classes == info.num_classes:
             return native, variables
         model = create_model(name, num_classes=num_classes, **overrides)
-        warnings.warn(
-            f"{name}: {path} classifies {info.num_classes} classes, the model {num_classes}; loaded "
-            f"everything but the last linear layer, which is freshly initialized",
-            stacklevel=2,
-        )
+        if num_classes == 0:  # pooled features: the file's classifier is left out
+            return model, _without_classifier(variables, model)
+        warn_fresh_classifier(name, path, info.num_classes, model)
         return model, _replace_classifier(variables, model, rng)
-    state_dict = read_state_dict(path)
+    return _from_state_dict(name, read_state_dict(path), num_classes, rng, overrides)
+
+
+def _from_state_dict(name: str, state_dict, num_classes: int | None, rng: jax.Array, overrides: dict):
     if num_classes is None:  # a fine-tuned state_dict keeps its own number of classes
         num_classes = state_dict_num_classes(state_dict)
     model = create_model(name, num_classes=num_classes, **overrides)
     return model, from_torchvision(state_dict, model, rng=rng)
-
-
-def load_pretrained(model_name: str, weights: str | os.PathLike, *, num_classes: int | None = None, **kwargs) -> dict:
-    """The variables of `pretrained(model_name, weights, ...)`, for a model built with the
-    same `num_classes` and overrides (`jaxres.create_model(model_name, num_classes=...)`)."""
-    return pretrained(model_name, weights, num_classes=num_classes, **kwargs)[1]
 
 
 def _is_jaxres_file(path: str) -> bool:

@@ -28,15 +28,32 @@ def to_numpy(value) -> np.ndarray:
     raise TypeError(f"state_dict values must be torch tensors or arrays, got {type(value).__name__}")
 
 
+# timm's VGG module -> torchvision's (timm's vgg.py `_filter_fn`, inverted): timm holds
+# torchvision's classifier Linear layers as convs, OIHW (4096, 512, 7, 7) and (4096, 4096, 1, 1).
+_TIMM_VGG_MODULES = {"pre_logits.fc1": "classifier.0", "pre_logits.fc2": "classifier.3", "head.fc": "classifier.6"}
+
+
 def unwrap_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Accepts a plain state_dict, torchvision's training checkpoint ({"model": ...}) or a
-    DistributedDataParallel one ("module." prefixes)."""
+    """torchvision's names for a plain state_dict, torchvision's training checkpoint
+    ({"model": ...}), a DistributedDataParallel one ("module." prefixes) or timm's layout of
+    the same weights (the Hub's `timm/vgg16.tv_in1k`: its classifier convs become torchvision's
+    Linear weights again, reshaped to (out, in) in the NCHW flatten order; a ResNet's names
+    agree already)."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     for key in ("model", "state_dict"):
         if isinstance(state_dict.get(key), Mapping):
             state_dict = state_dict[key]
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    renamed = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        module, _, leaf = key.rpartition(".")
+        if module in _TIMM_VGG_MODULES:
+            key = f"{_TIMM_VGG_MODULES[module]}.{leaf}"
+            if leaf == "weight" and len(shape_of(value)) == 4:
+                value = value.reshape(shape_of(value)[0], -1)
+        renamed[key] = value
+    return renamed
 
 
 def shape_of(value) -> tuple[int, ...]:
@@ -77,7 +94,8 @@ def state_dict_num_classes(state_dict: Mapping[str, Any]) -> int | None:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torchvision state_dict: a `.pth`/`.pt` file (needs torch) or a `.safetensors`
-    file written from `model.state_dict()` (no torch needed). Returns numpy arrays."""
+    file written from `model.state_dict()` or published by timm (no torch needed). Returns
+    numpy arrays under torchvision's names (`unwrap_state_dict`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such weights file: {path}")
@@ -92,7 +110,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
         if metadata.get("format") == "jaxres.weights":
             raise ValueError(f"{path} is already a jaxres weights file: load it with jaxres.weights.load_weights")
-        return tensors
+        return unwrap_state_dict(tensors)
     if not path.endswith((".pth", ".pt", ".bin")):
         raise ValueError(f"unknown weights file type {path!r}: expected .pth, .pt, .bin or .safetensors")
     try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -34,7 +33,7 @@ from jaxres.models.complexity import abstract_variables
 from jaxres.models.resnet import IMAGENET_DEPTHS
 from jaxres.models.units import UnitModel
 from jaxres.models.vgg import VGG_LAYERS
-from jaxres.weights.head import classifier_path, fresh_classifier
+from jaxres.weights.head import fresh_classifier, warn_fresh_classifier
 from jaxres.weights.state_dict import identify, to_numpy, unwrap_state_dict
 
 FlatVariables = dict[tuple[str, ...], Any]
@@ -263,8 +262,9 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], model: str | UnitMode
     model, name = _resolve_model(model, num_classes)
     layout = layout_for(model)
     expected: FlatVariables = traverse_util.flatten_dict(abstract_variables(model, 32))
-    head = classifier_path(model)
-    classes = expected[("params", *head, "kernel")].shape[1]
+    head = model.classifier_path()
+    # num_classes=0 (pooled features, no classifier): the weights' classifier is left out
+    classes = expected[("params", *head, "kernel")].shape[1] if model.num_classes else None
 
     steps: dict[str, Step] = {}
     missing, unexpected, wrong_shape = [], [], []
@@ -285,6 +285,8 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], model: str | UnitMode
             continue
         collection, flax_leaf, transform = LEAVES[kind][leaf]
         flax_key = (collection, *path, flax_leaf)
+        if classes is None and path == head:
+            continue
         if flax_key not in expected:
             unexpected.append(f"{key}: the model has no {'/'.join(flax_key)}")
             continue
@@ -321,7 +323,8 @@ def from_torchvision(
     `model`: a registry name (vgg11..vgg19[_bn], resnet18..resnet152) or a jaxres model.
     `num_classes`: when it differs from the weights' (1000 for ImageNet), the backbone and
     VGG's hidden classifier layers are loaded and the last linear layer is freshly
-    initialized from `rng` (default `jax.random.key(0)`), with a warning saying so.
+    initialized from `rng` (default `jax.random.key(0)`), with a warning saying so; a model
+    with `num_classes=0` (pooled features) gets everything but the classifier.
     Arrays are cast to the model's `param_dtype`; the result has the model's exact tree.
     Raises `ConversionError` listing every missing, unexpected and wrong-shape tensor.
     """
@@ -341,10 +344,5 @@ def from_torchvision(
     if plan.fresh_head is not None:
         fresh = fresh_classifier(model, jax.random.key(0) if rng is None else rng)
         converted.update({("params", *plan.fresh_head, leaf): value for leaf, value in fresh.items()})
-        warnings.warn(
-            f"{name}: the weights classify {plan.weights_classes} classes, the model {model.num_classes}; "
-            f"loaded everything but the last linear layer {'/'.join(plan.fresh_head)}, which is freshly "
-            f"initialized",
-            stacklevel=2,
-        )
+        warn_fresh_classifier(name, "a torchvision state_dict", plan.weights_classes, model)
     return traverse_util.unflatten_dict(converted)
