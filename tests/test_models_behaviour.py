@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import jaxres
-from jaxres.models import ResNet
 from jaxres.models.layers import KERNEL_INITS
 from tests.conftest import init, tiny_cifar_resnet
 
@@ -61,7 +60,7 @@ def test_twins_share_everything_but_the_shortcut():
     h = outputs["unit_1"]
     shared = {c: {k: v for k, v in tree.items()} for c, tree in variables.items()}
     plain_out = plain.apply(shared, h, start="unit_2", stop="unit_2")
-    branch = resnet.apply(variables, h, start="unit_2", stop="unit_2", mutable=["intermediates"])[1]
+    branch = resnet.apply(variables, h, start="unit_2", stop="unit_2", probes=True, mutable=["intermediates"])[1]
     pre_add = branch["intermediates"]["unit_2"]["layer2"][0]
     np.testing.assert_allclose(plain_out, jax.nn.relu(pre_add), rtol=1e-5, atol=1e-6)
 
@@ -77,7 +76,8 @@ def test_zero_init_residual_makes_every_block_the_identity():
 def test_shortcut_and_residual_scaling():
     model, variables = initialized(activation="linear", shortcut_scale=0.5, residual_scale=0.25)
     _, outputs = model.apply(variables, X, capture=True)
-    _, state = model.apply(variables, outputs["stem"], start="unit_1", stop="unit_1", mutable=["intermediates"])
+    _, state = model.apply(variables, outputs["stem"], start="unit_1", stop="unit_1", probes=True,
+                           mutable=["intermediates"])
     branch = state["intermediates"]["unit_1"]["layer2"][0]
     np.testing.assert_allclose(outputs["unit_1"], 0.5 * outputs["stem"] + 0.25 * branch, rtol=1e-5, atol=1e-6)
 

@@ -29,10 +29,11 @@ def test_unknown_override():
         jaxres.create_model("resnet18", stage_sizes=(1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_num_classes_must_be_a_positive_integer(bad):
-    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
-        jaxres.create_model("cifar_resnet20", num_classes=bad)
+@pytest.mark.parametrize("bad", [-1, -3, 2.5, True])
+@pytest.mark.parametrize("name", ["cifar_resnet20", "vgg11"])
+def test_num_classes_must_be_a_positive_integer_or_0(name, bad):
+    with pytest.raises(ValueError, match=r"num_classes must be a positive integer, or 0 for the pooled features"):
+        jaxres.create_model(name, num_classes=bad)
 
 
 @pytest.mark.parametrize("depth", [51, 21, 1])

@@ -2,6 +2,7 @@
 numbers (same variables, same layout) and a program whose size does not grow with depth."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 from jaxres.analysis.restore import check_variables
-from jaxres.models import ResNet, stack_identical_units, unstack_identical_units
+from jaxres.models import ResNet, VGG, stack_identical_units, unstack_identical_units
 from jaxres.models.scan_layout import identical_runs
 from jaxres.train.state import create_train_state
 from jaxres.train.step import train_step
@@ -54,15 +55,38 @@ def test_runs_group_identical_blocks_only():
         ["stem"], ["unit_1", "unit_2", "unit_3"], ["unit_4"], ["unit_5", "unit_6"], ["head"]]
 
 
+def test_runs_compare_fields_not_partial_identity():
+    def copied(value):  # an equal partial that is a different object
+        if isinstance(value, functools.partial):
+            return functools.partial(value.func, *value.args, **{k: copied(v) for k, v in value.keywords.items()})
+        return value
+
+    specs = tiny().unit_specs(False)
+    per_block = [dataclasses.replace(s, build=copied(s.build)) for s in specs]
+    assert [len(g) for g in identical_runs(per_block)] == [1, 3, 1, 2, 1]
+
+
+def test_vgg_scans_its_identical_conv_layers():
+    m = VGG(layers=(4, 8, 8, 8, 8, "M"), norm="batchnorm", pool_size=1, classifier_widths=(), num_classes=3)
+    assert [[s.name for s in g] for g in identical_runs(m.unit_specs(False))] == [
+        ["stem"], ["unit_1"], ["unit_2", "unit_3"], ["unit_4"], ["head"]]
+    v = m.init(jax.random.key(2), X)
+    s = m.clone(scan_units=True)
+    np.testing.assert_allclose(s.apply(v, X), m.apply(v, X), rtol=0, atol=1e-6)
+    (ya, sa), (yb, sb) = (mod.apply(v, X, True, mutable=["batch_stats"]) for mod in (m, s))
+    np.testing.assert_allclose(yb, ya, rtol=0, atol=1e-6)
+    assert _max_diff(sa, sb) < 1e-6
+
+
 def test_probes_and_unit_ranges_still_see_every_unit(model_and_vars):
     m, v = model_and_vars
     s = dataclasses.replace(m, scan_units=True)
-    (ya, oa), (yb, ob) = m.apply(v, X, capture=True), s.apply(v, X, capture=True)
+    (_, oa), (_, ob) = m.apply(v, X, capture=True), s.apply(v, X, capture=True)
     assert list(oa) == list(ob) and _max_diff(oa, ob) == 0.0
     h = oa["unit_1"]
     np.testing.assert_allclose(s.apply(v, h, start="unit_2", stop="unit_6"), m.apply(v, h, start="unit_2", stop="unit_6"),
                                rtol=0, atol=1e-6)
-    _, inter = s.apply(v, X, mutable=["intermediates"])
+    _, inter = s.apply(v, X, probes=True, mutable=["intermediates"])
     assert "out_unit_5" in inter["intermediates"]
 
 

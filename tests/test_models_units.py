@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 import jaxres
 from jaxres.models import ResNet, VGG
@@ -38,7 +39,7 @@ def test_composing_every_unit_reproduces_the_forward_pass(kind):
     # eager on both sides: the same ops in the same order must give the same bits
     full, outputs = model.apply(variables, x, capture=True)
     names = model.unit_names()
-    assert list(outputs) == list(names)
+    assert [k for k in outputs if k in names] == list(names)
     h = x
     for name in names:
         h = model.apply(variables, h, start=name, stop=name)
@@ -78,26 +79,45 @@ def test_vgg_pool_is_attached_to_the_end_of_its_unit():
 
 def test_probes_cover_every_weight_layer():
     model, variables, x = setup("bottleneck_imagenet")
-    _, state = model.apply(variables, x, mutable=["intermediates"])
+    _, state = model.apply(variables, x, probes=True, mutable=["intermediates"])
     probes = state["intermediates"]
     assert sorted(probes["unit_1"]) == ["layer1", "layer2", "layer3"]
     assert "out_unit_2" in probes and "out_head" not in probes
     assert sorted(variables) == ["batch_stats", "params"]  # no probe collections
 
 
+def test_probes_are_off_unless_asked_for():
+    model, variables, x = setup("bottleneck_imagenet")
+    # mutable=True makes every collection mutable; without probes=True nothing is sown
+    _, state = model.apply(variables, x, True, mutable=True)
+    assert sorted(state) == ["batch_stats", "params"]
+    _, state = model.apply(variables, x, mutable=["intermediates", "perturbations"])
+    assert state == {}
+
+
+def test_probe_collections_use_distinct_names():
+    model, variables, x = setup("basic_A")
+    _, state = model.apply(variables, x, probes=True, mutable=["intermediates", "perturbations"])
+    assert "out_unit_2" in state["intermediates"] and "d_out_unit_2" in state["perturbations"]
+    assert sorted(state["perturbations"]["unit_1"]) == ["d_layer1", "d_layer2"]
+    # NNX's bridge keeps a module's variables of every collection in one namespace
+    inter, pert = (set(flatten_dict(state[c])) for c in ("intermediates", "perturbations"))
+    assert len(inter) == len(pert) == 1 + 3 * 2 + 4 and not inter & pert  # stem, 3 blocks, 4 outputs
+
+
 def test_perturbations_give_gradients_at_unit_boundaries():
     model, variables, x = setup("basic_A")
-    _, state = model.apply(variables, x, mutable=["perturbations"])
+    _, state = model.apply(variables, x, probes=True, mutable=["perturbations"])
     perturbations = state["perturbations"]
 
     def total(p):
-        return model.apply({**variables, "perturbations": p}, x).sum()
+        return model.apply({**variables, "perturbations": p}, x, probes=True).sum()
 
     grads = jax.grad(total)(perturbations)
     # the same gradient by the unit interface: d(sum logits)/d(output of unit_2)
     _, outputs = model.apply(variables, x, capture=True)
     direct = jax.grad(lambda h: model.apply(variables, h, start="unit_3").sum())(outputs["unit_2"])
-    np.testing.assert_allclose(grads["out_unit_2"], direct, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads["d_out_unit_2"], direct, rtol=1e-5, atol=1e-7)
 
 
 def test_apply_units_helper_and_bad_ranges():

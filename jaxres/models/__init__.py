@@ -4,11 +4,11 @@ from jaxres.models.complexity import count_macs, count_params
 from jaxres.models.registry import ModelCard, create_model, list_models, model_card
 from jaxres.models.resnet import ResNet, cifar_resnet, imagenet_resnet
 from jaxres.models.scan_layout import stack_identical_units, unstack_identical_units
-from jaxres.models.units import UnitModel, apply_units, unit_names, unit_outputs
+from jaxres.models.units import UnitModel, apply_units, stage_outputs, unit_names, unit_outputs
 from jaxres.models.vgg import VGG, cifar_vgg, vgg
 
 __all__ = [
     "ModelCard", "ResNet", "UnitModel", "VGG", "apply_units", "cifar_resnet", "cifar_vgg",
     "count_macs", "count_params", "create_model", "imagenet_resnet", "list_models", "model_card",
-    "stack_identical_units", "unit_names", "unit_outputs", "unstack_identical_units", "vgg",
+    "stack_identical_units", "stage_outputs", "unit_names", "unit_outputs", "unstack_identical_units", "vgg",
 ]

@@ -29,7 +29,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 CHUNK_BYTES = 512 << 10  # a chunk of input images this large stays in L2 while its taps are summed
@@ -98,15 +97,11 @@ def _conv_jvp(strides, padding, precision, taps, primals, tangents):
     x, w = primals
     dx, dw = tangents
     y = _conv(x, w, strides, padding, precision, taps)
-    out = []
-    if not isinstance(dx, SymbolicZero):
-        out.append(_input_tangent(dx, w, strides, padding, precision))
-    if not isinstance(dw, SymbolicZero):
-        out.append(_taps_matmul(x, dw, strides, padding, y.shape, precision) if taps
-                   else _kernel_tangent(x, dw, strides, padding, precision))
-    if not out:
-        return y, SymbolicZero(jax.core.get_aval(y).to_tangent_aval())
-    return y, functools.reduce(jnp.add, out)
+    # Without symbolic_zeros=True, JAX hands both tangents in as arrays (zeros when only one
+    # argument is differentiated); the unused path is pruned when the JVP is transposed.
+    kernel = (_taps_matmul(x, dw, strides, padding, y.shape, precision) if taps
+              else _kernel_tangent(x, dw, strides, padding, precision))
+    return y, _input_tangent(dx, w, strides, padding, precision) + kernel
 
 
 def _input_tangent(dx, w, strides, padding, precision):

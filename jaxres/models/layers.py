@@ -7,7 +7,6 @@ of strings and numbers.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from typing import Any, Callable
@@ -16,31 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxres.choices import pick
 from jaxres.models.conv import conv_general_dilated
 
 Array = jax.Array
 ModuleDef = Any
-
-
-def closest_names(name: str, choices) -> str:
-    """A '; did you mean ...' suffix for error messages (empty when nothing is close)."""
-    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
-
-def pick(kind: str, name: str, table: dict):
-    """Looks `name` up in `table`, or raises a ValueError that lists the valid names."""
-    if name not in table:
-        raise ValueError(
-            f"unknown {kind} {name!r}{closest_names(name, table)} "
-            f"(valid: {', '.join(sorted(table))})"
-        )
-    return table[name]
-
-
-def check_num_classes(num_classes) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -176,16 +155,43 @@ def adaptive_avg_pool(x: Array, output_size: int) -> Array:
     return jnp.concatenate(cols, axis=2)
 
 
-def probe(module: nn.Module, name: str, x: Array) -> Array:
-    """Marks `x` as a named measurement point for the analysis, at no cost otherwise.
+# A probe's 'perturbations' variable is named apart from its 'intermediates' entry: NNX's
+# bridge (nnx.bridge.ToNNX) keeps all of a module's variables in one namespace.
+PERTURBATION_PREFIX = "d_"
 
-    - `sow`s x into the 'intermediates' collection when that collection is mutable
-      (forward statistics, He et al. 2015 Fig. 7);
-    - `perturb`s x with a zero variable in 'perturbations' when that collection is passed or
-      mutable, so one VJP gives d(output)/d(x) at every probe at once.
+
+def perturbation_name(probe_name: str) -> str:
+    """The 'perturbations' variable of probe `probe_name` (its gradient is d loss/d probe)."""
+    return PERTURBATION_PREFIX + probe_name
+
+
+def probe_name(perturbation: str) -> str:
+    """The probe a 'perturbations' variable belongs to (inverse of `perturbation_name`)."""
+    return perturbation.removeprefix(PERTURBATION_PREFIX)
+
+
+def check_num_classes_or_features(num_classes) -> None:
+    """A zoo model's `num_classes`: a positive number of classes, or 0 for no classifier
+    (the model returns its pooled features, timm's convention)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(
+            f"num_classes must be a positive integer, or 0 for the pooled features without a "
+            f"classifier; got {num_classes!r}"
+        )
+
+
+def probe(module: nn.Module, name: str, x: Array, enabled: bool) -> Array:
+    """Marks `x` as a named measurement point for the analysis; the identity unless `enabled`
+    (the `probes=True` argument of a zoo model's `apply`).
+
+    When enabled:
+    - `sow`s x as `name` into 'intermediates' when that collection is mutable (forward
+      statistics, He et al. 2015 Fig. 7);
+    - `perturb`s x with a zero variable `perturbation_name(name)` in 'perturbations' when that
+      collection is passed or mutable, so one VJP gives d(output)/d(x) at every probe at once.
     Probes are skipped while initializing so `model.init` returns only params/batch_stats.
     """
-    if module.is_initializing():
+    if not enabled or module.is_initializing():
         return x
     module.sow("intermediates", name, x)
-    return module.perturb(name, x)
+    return module.perturb(perturbation_name(name), x)

@@ -10,22 +10,21 @@ activation or the residual addition (He et al. 2015, Fig. 7 "responses").
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxres.choices import pick
 from jaxres.models.layers import (
     ACTIVATIONS,
-    check_num_classes,
+    check_num_classes_or_features,
     check_study_switches,
     conv_def,
     max_pool_torch,
     norm_def,
     pad,
-    pick,
     probe,
     torch_linear_bias_init,
     torch_linear_init,
@@ -55,6 +54,7 @@ class Block(nn.Module):
     residual_scale: float = 1.0
     zero_init_last: bool = False
     stride_in_1x1: bool = False  # bottlenecks only: ResNet v1 (paper) vs v1.5 (torchvision)
+    probes: bool = False  # see layers.probe
 
     expansion = 1
 
@@ -95,9 +95,9 @@ class BasicBlock(Block):
     @nn.compact
     def __call__(self, x):
         y = self.conv(self.features, (3, 3), self.strides, padding=pad(1), name="conv1")(x)
-        y = self.act(probe(self, "layer1", self.normalize(y, "norm1")))
+        y = self.act(probe(self, "layer1", self.normalize(y, "norm1"), self.probes))
         y = self.conv(self.features, (3, 3), 1, padding=pad(1), name="conv2")(y)
-        y = probe(self, "layer2", self.normalize(y, "norm2", zero=self.zero_init_last))
+        y = probe(self, "layer2", self.normalize(y, "norm2", zero=self.zero_init_last), self.probes)
         return self.act(self.merge(self.shortcut_path(x), y))
 
 
@@ -110,11 +110,11 @@ class BottleneckBlock(Block):
     def __call__(self, x):
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         y = self.conv(self.features, (1, 1), s1, padding=pad(0), name="conv1")(x)
-        y = self.act(probe(self, "layer1", self.normalize(y, "norm1")))
+        y = self.act(probe(self, "layer1", self.normalize(y, "norm1"), self.probes))
         y = self.conv(self.features, (3, 3), s3, padding=pad(1), name="conv2")(y)
-        y = self.act(probe(self, "layer2", self.normalize(y, "norm2")))
+        y = self.act(probe(self, "layer2", self.normalize(y, "norm2"), self.probes))
         y = self.conv(self.features * 4, (1, 1), 1, padding=pad(0), name="conv3")(y)
-        y = probe(self, "layer3", self.normalize(y, "norm3", zero=self.zero_init_last))
+        y = probe(self, "layer3", self.normalize(y, "norm3", zero=self.zero_init_last), self.probes)
         return self.act(self.merge(self.shortcut_path(x), y))
 
 
@@ -129,9 +129,11 @@ class PreActBasicBlock(Block):
     @nn.compact
     def __call__(self, x):
         p = self.act(self.normalize(x, "norm1"))
-        y = probe(self, "layer1", self.conv(self.features, (3, 3), self.strides, padding=pad(1), name="conv1")(p))
+        y = self.conv(self.features, (3, 3), self.strides, padding=pad(1), name="conv1")(p)
+        y = probe(self, "layer1", y, self.probes)
         y = self.act(self.normalize(y, "norm2"))
-        y = probe(self, "layer2", self.last_conv()(self.features, (3, 3), 1, padding=pad(1), name="conv2")(y))
+        y = self.last_conv()(self.features, (3, 3), 1, padding=pad(1), name="conv2")(y)
+        y = probe(self, "layer2", y, self.probes)
         return self.merge(self.shortcut_path(x, preactivated=p), y)
 
 
@@ -144,12 +146,14 @@ class PreActBottleneckBlock(PreActBasicBlock):
     def __call__(self, x):
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         p = self.act(self.normalize(x, "norm1"))
-        y = probe(self, "layer1", self.conv(self.features, (1, 1), s1, padding=pad(0), name="conv1")(p))
+        y = probe(self, "layer1", self.conv(self.features, (1, 1), s1, padding=pad(0), name="conv1")(p),
+                  self.probes)
         y = self.act(self.normalize(y, "norm2"))
-        y = probe(self, "layer2", self.conv(self.features, (3, 3), s3, padding=pad(1), name="conv2")(y))
+        y = probe(self, "layer2", self.conv(self.features, (3, 3), s3, padding=pad(1), name="conv2")(y),
+                  self.probes)
         y = self.act(self.normalize(y, "norm3"))
         y = self.last_conv()(self.features * 4, (1, 1), 1, padding=pad(0), name="conv3")(y)
-        y = probe(self, "layer3", y)
+        y = probe(self, "layer3", y, self.probes)
         return self.merge(self.shortcut_path(x, preactivated=p), y)
 
 
@@ -173,6 +177,7 @@ class Stem(nn.Module):
     conv: ModuleDef
     norm: ModuleDef | None
     act: Callable | None  # None: pre-activation stem
+    probes: bool = False  # see layers.probe
 
     @nn.compact
     def __call__(self, x):
@@ -181,14 +186,18 @@ class Stem(nn.Module):
         if self.act is not None:
             if self.norm is not None:
                 x = self.norm(name="norm1")(x)
-            x = self.act(probe(self, "layer1", x))
+            x = self.act(probe(self, "layer1", x, self.probes))
         else:
-            x = probe(self, "layer1", x)
+            x = probe(self, "layer1", x, self.probes)
         return max_pool_torch(x, 3, 2, 1) if self.pool else x
 
 
 class PoolClassifier(nn.Module):
-    """(final BN-act of pre-activation nets) - global average pool - linear, float32 logits."""
+    """(final BN-act of pre-activation nets) - global average pool - linear, float32 logits.
+
+    Returns `(logits, {"pre_logits": pooled features})`; with `num_classes=0` there is no
+    linear layer and the "logits" are the pooled features, in the compute dtype.
+    """
 
     num_classes: int
     norm: ModuleDef | None
@@ -202,16 +211,18 @@ class PoolClassifier(nn.Module):
             if self.norm is not None:
                 x = self.norm(name="norm")(x)
             x = self.act(x)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(
+        features = jnp.mean(x, axis=(1, 2))
+        if self.num_classes == 0:
+            return features, {"pre_logits": features}
+        logits = nn.Dense(
             self.num_classes,
             kernel_init=torch_linear_init,
-            bias_init=torch_linear_bias_init(x.shape[-1]),
+            bias_init=torch_linear_bias_init(features.shape[-1]),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="fc",
-        )(x)
-        return x.astype(jnp.float32)
+        )(features)
+        return logits.astype(jnp.float32), {"pre_logits": features}
 
 
 class ResNet(UnitModel):
@@ -219,7 +230,8 @@ class ResNet(UnitModel):
 
     Defaults follow torchvision (v1.5 strides, option-B shortcuts, He fan-out init, BN with
     torch's momentum 0.1 / eps 1e-5). NHWC input, float32 logits; `dtype` is the compute dtype,
-    `param_dtype` the parameter dtype.
+    `param_dtype` the parameter dtype. `num_classes=0`: no classifier, the model returns the
+    pooled features (`widths[-1] * expansion` wide).
     """
 
     stage_sizes: Sequence[int]
@@ -241,16 +253,11 @@ class ResNet(UnitModel):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None  # synchronized BatchNorm over this mapped axis (training)
-    # Execution only (same numbers): run identical consecutive blocks with one lax.scan
-    # (bounded compile time for deep nets), optionally rematerialized (memory). Reads per-unit
-    # or stacked variables (scan_layout); training states keep them stacked.
-    scan_units: bool = False
-    remat_units: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        check_num_classes(self.num_classes)
+        check_num_classes_or_features(self.num_classes)
         pick("block type", self.block, {"basic": 0, "bottleneck": 0})
         pick("stem", self.stem, {"imagenet": 0, "cifar": 0})
         pick("shortcut option", self.shortcut, dict.fromkeys(SHORTCUTS))
@@ -264,7 +271,11 @@ class ResNet(UnitModel):
             raise ValueError(f"every stage needs at least one block, got stage_sizes {tuple(self.stage_sizes)}")
         super().__post_init__()
 
-    def unit_specs(self, train: bool) -> list[UnitSpec]:
+    def classifier_path(self) -> tuple[str, ...]:
+        """Flax module path of the last linear layer, the one whose width is `num_classes`."""
+        return ("head", "fc")
+
+    def unit_specs(self, train: bool, probes: bool = False) -> list[UnitSpec]:
         conv = conv_def(self.kernel_init, self.norm == "none", self.dtype, self.param_dtype)
         norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
                         self.bn_axis_name)
@@ -285,6 +296,7 @@ class ResNet(UnitModel):
                     conv=conv,
                     norm=norm,
                     act=None if self.preact else act,
+                    probes=probes,
                 ),
                 self.in_channels,
             )
@@ -310,6 +322,7 @@ class ResNet(UnitModel):
                             residual_scale=self.residual_scale,
                             zero_init_last=self.zero_init_residual,
                             stride_in_1x1=self.stride_in_1x1,
+                            probes=probes,
                         ),
                         channels,
                     )
@@ -330,6 +343,15 @@ class ResNet(UnitModel):
             )
         )
         return specs
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The stem, then the last block of each stage (timm's feature levels 1..4 on ImageNet:
+        strides 4, 8, 16, 32; the stem's output is stride 4 there, after the max pool)."""
+        ends, last = ["stem"], 0
+        for size in self.stage_sizes:
+            last += size
+            ends.append(f"unit_{last}")
+        return tuple(ends)
 
     def _shortcut_kind(self, channels: int, out: int, strides: int, unit: int) -> str:
         same_shape = strides == 1 and channels == out
@@ -382,4 +404,5 @@ def cifar_resnet(depth: int, *, block: str = "basic", **config) -> ResNet:
         )
     n = (depth - 2) // (3 * per_block)
     config.setdefault("shortcut", "A")
+    config.setdefault("num_classes", 10)
     return ResNet(stage_sizes=(n, n, n), block=block, stem="cifar", widths=(16, 32, 64), **config)

@@ -14,7 +14,8 @@ Two layouts hold the same numbers:
   BatchNorm statistics, and compiling those dominated (cifar_resnet1202: 234 s of a 240 s
   compile, with the per-unit layout).
 
-`stack_identical_units` / `unstack_identical_units` convert between them.
+`stack_identical_units` / `unstack_identical_units` convert between them; `training_layout`
+picks the one a model trains on.
 """
 
 from __future__ import annotations
@@ -29,22 +30,28 @@ RUN_SEPARATOR = ".."
 
 
 def identical_runs(specs: Sequence) -> list[list]:
-    """Consecutive `UnitSpec`s built by the same class with the same arguments, grouped."""
+    """Consecutive `UnitSpec`s built by the same class with the same fields, grouped."""
     def key(spec):
-        build = spec.build
-        if not isinstance(build, functools.partial):
-            return None
-        return (build.func, tuple(build.args), tuple(sorted(build.keywords.items(), key=lambda kv: kv[0])),
-                spec.in_channels)
+        return fields_key(spec.build), spec.in_channels
 
     groups: list[list] = []
     for spec in specs:
-        k = key(spec)
-        if groups and k is not None and key(groups[-1][0]) == k:
+        if groups and key(groups[-1][0]) == key(spec):
             groups[-1].append(spec)
         else:
             groups.append([spec])
     return groups
+
+
+def fields_key(value):
+    """A comparable form of a unit's builder and its fields: partials (the conv and norm
+    definitions, `functools.partial` objects that compare by identity) are compared by their
+    function and arguments, so that units built alike match even when each got its own."""
+    if isinstance(value, functools.partial):
+        keywords = sorted(value.keywords.items(), key=lambda kv: kv[0])
+        return (value.func, tuple(fields_key(a) for a in value.args),
+                tuple((k, fields_key(v)) for k, v in keywords))
+    return value
 
 
 def run_key(names: Sequence[str]) -> str:
@@ -92,6 +99,14 @@ def unstack_identical_units(model, variables: Mapping) -> dict:
             f"(its runs: {[run_key(n) for n in stacked_runs(model)]}); pass the model the variables belong to"
         )
     return out
+
+
+def training_layout(model, variables: Mapping) -> dict:
+    """`variables` in the layout `model` trains on: stacked runs when it scans its units
+    (`model.scan_units`), per unit otherwise."""
+    if model.scan_units:
+        return stack_identical_units(model, variables)
+    return unstack_identical_units(model, variables)
 
 
 def locate_run(model, names: Sequence[str]) -> tuple[str, int] | None:

@@ -5,25 +5,30 @@ A *unit* is one residual block (or its plain twin) of a ResNet, or one conv laye
 training code see models only through this interface:
 
 - `unit_names(model)` -> ("stem", "unit_1", ..., "unit_K", "head");
-- `model.apply(variables, x, capture=True)` -> (logits, {unit name: its output});
+- `model.apply(variables, x, capture=True)` -> (logits, {unit name: its output}), plus the
+  head's features ("pre_logits"; VGG: "fc6", "fc7");
 - `model.apply(variables, h, start="unit_3", stop="unit_7")` applies units 3..7 (inclusive)
-  to the activation `h` (the output of unit_2), with the same variables.
+  to the activation `h` (the output of unit_2), with the same variables;
+- `model.stage_names()`: the units that end each resolution level (`stage_outputs`).
 
 Composing ranges reproduces the full forward pass exactly (same ops, same order).
-Inside a unit, each weight layer's normalized output (before the activation or the residual
-addition) is a probe named `layer1`, `layer2`, ...; unit outputs are probes named
-`out_<unit>` at the top level. See `layers.probe` for how the analysis reads them.
+With `probes=True`, each weight layer's normalized output inside a unit (before the
+activation or the residual addition) is a probe named `layer1`, `layer2`, ...; unit outputs
+are probes named `out_<unit>` at the top level. See `layers.probe` for how the analysis
+reads them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import functools
+from typing import Sequence
 
 import jax
 from flax import linen as nn
 
-from jaxres.models.layers import closest_names, probe
+from jaxres.choices import closest_names
+from jaxres.models.layers import probe
 from jaxres.models.scan_layout import identical_runs, is_stacked, locate_run
 
 
@@ -32,18 +37,48 @@ class UnitSpec:
     """One unit of a model: its name, a builder of its module, and its input channels."""
 
     name: str
-    build: Callable[..., nn.Module]  # build(name=...) -> module called as module(x)
+    # functools.partial(ModuleClass, **fields): build(name=...) -> module called as module(x).
+    # A partial, so that the class can be wrapped (nn.remat) and runs of identical units found
+    # by comparing fields (scan_layout.identical_runs).
+    build: functools.partial
     in_channels: int
     # 2x2/2 max pools the unit applies (VGG): each halves H and W, rounding down, and would
     # leave an empty map (NaN logits) on a smaller input; strided convs with padding cannot.
     halvings: int = 0
 
+    def __post_init__(self):
+        if not (isinstance(self.build, functools.partial) and isinstance(self.build.func, type)
+                and issubclass(self.build.func, nn.Module)):
+            raise TypeError(
+                f"UnitSpec {self.name!r}: build must be functools.partial(ModuleClass, **fields), "
+                f"got {self.build!r}"
+            )
+
 
 class UnitModel(nn.Module):
-    """Base class: subclasses define `unit_specs()`; this class runs any range of them."""
+    """Base class: subclasses define `unit_specs()` and `stage_names()`; this class runs any
+    range of the units.
 
-    def unit_specs(self, train: bool) -> Sequence[UnitSpec]:
-        """The units in order; `train` selects batch statistics and dropout in their builders."""
+    `scan_units` and `remat_units` change how the units execute, never the numbers:
+    - `scan_units=True` runs each run of identical consecutive units with one `lax.scan`
+      (bounded compile time for deep nets); it reads per-unit or stacked variables
+      (`scan_layout`), and training states keep them stacked;
+    - `remat_units=True` rematerializes each unit in the backward pass (`nn.remat` per unit,
+      or `jax.checkpoint` of the scan body): activation memory of one unit instead of all of
+      them, for about one more forward pass of compute.
+    """
+
+    scan_units: bool = dataclasses.field(default=False, kw_only=True)
+    remat_units: bool = dataclasses.field(default=False, kw_only=True)
+
+    def unit_specs(self, train: bool, probes: bool = False) -> Sequence[UnitSpec]:
+        """The units in order; `train` selects batch statistics and dropout in their builders,
+        `probes` turns on their layer probes (`layers.probe`). The last unit is named "head"
+        and its module returns `(output, {feature name: value})` ("pre_logits", ...)."""
+        raise NotImplementedError
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The unit that ends each stage (resolution level), for `stage_outputs`."""
         raise NotImplementedError
 
     def unit_names(self) -> tuple[str, ...]:
@@ -70,17 +105,22 @@ class UnitModel(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, start: str | None = None,
-                 stop: str | None = None, capture: bool = False):
+                 stop: str | None = None, capture: bool = False, probes: bool = False):
         """Applies units `start`..`stop` (inclusive; default: the whole model) to NHWC `x`.
 
-        Returns the last unit's output, or `(output, {unit name: output})` with `capture`.
-        `train=True` uses batch statistics in BatchNorm (pass `mutable=["batch_stats"]`)
-        and enables dropout (pass `rngs={"dropout": key}`).
+        Returns the last unit's output, or `(output, {name: output})` with `capture`: every
+        unit's output, and when the head runs, its features too ("pre_logits"; VGG: "fc6",
+        "fc7"). `train=False` is the default: `train=True` uses batch statistics in
+        BatchNorm (pass `mutable=["batch_stats"]`) and enables dropout (pass
+        `rngs={"dropout": key}`). `probes=True` turns on the analysis probes (`layers.probe`):
+        without it the 'intermediates' and 'perturbations' collections stay empty.
         """
-        specs = self.unit_specs(train)
+        specs = self.unit_specs(train, probes)
         first, last = self.unit_range(start, stop)
         check_input(x, specs[first : last + 1], train)
-        scanning = self.scanning(capture)
+        # Initialization creates every unit's variables, and probes and capture need each
+        # unit traced on its own: only plain forward and training passes scan.
+        scanning = self.scan_units and not (capture or probes or self.is_initializing())
         if not scanning and is_stacked(self.variables):
             raise ValueError(
                 "these variables hold runs of identical units stacked (the scan_units training layout), "
@@ -96,21 +136,22 @@ class UnitModel(nn.Module):
                 x = self.scan_units_run(group, x, train, stored)
                 continue
             spec = group[0]
-            x = spec.build(name=spec.name)(x)
-            if spec.name != "head":
-                x = probe(self, f"out_{spec.name}", x)
+            x = self.unit_module(spec)(x)
+            if spec.name == "head":  # the head also returns its features (pre-logits)
+                x, features = x
+                if capture:
+                    outputs.update(features)
+            else:
+                x = probe(self, f"out_{spec.name}", x, probes)
             if capture:
                 outputs[spec.name] = x
         return (x, outputs) if capture else x
 
-    def scanning(self, capture: bool) -> bool:
-        """Scan runs of identical units only for plain forward/training passes: initialization
-        creates every unit's variables, and the probes (capture, intermediates, perturbations)
-        need each unit traced on its own."""
-        return bool(getattr(self, "scan_units", False)) and not (
-            capture or self.is_initializing() or self.is_mutable_collection("intermediates")
-            or self.is_mutable_collection("perturbations") or "perturbations" in self.variables
-        )
+    def unit_module(self, spec: UnitSpec) -> nn.Module:
+        """The unit's module, rematerialized in the backward pass with `remat_units`."""
+        if not self.remat_units:
+            return spec.build(name=spec.name)
+        return nn.remat(spec.build.func)(*spec.build.args, **spec.build.keywords, name=spec.name)
 
     def stored_run(self, group: Sequence[UnitSpec]) -> tuple[str, int] | None:
         """(key, offset of group[0]) of the stacked run holding `group`'s variables, if stored so."""
@@ -143,7 +184,7 @@ class UnitModel(nn.Module):
             out, updates = unit.apply(variables, h, mutable=["batch_stats"])
             return out, updates.get("batch_stats")
 
-        if getattr(self, "remat_units", False):
+        if self.remat_units:
             body = jax.checkpoint(body)  # keep one unit's activations per step, recompute the rest
         x, stats = jax.lax.scan(body, x, stacked)
         if stats and key is not None:
@@ -217,3 +258,34 @@ def unit_outputs(model: UnitModel, variables, x, train: bool = False, rngs=None)
 def apply_units(model: UnitModel, variables, h, start: str, stop: str):
     """Applies units `start`..`stop` (inclusive) in eval mode to the activation `h`."""
     return model.apply(variables, h, False, start=start, stop=stop)
+
+
+def stage_outputs(model: UnitModel, variables, x, out_indices: Sequence[int] | None = None,
+                  train: bool = False, rngs=None) -> list:
+    """The outputs of the stages `out_indices` (default: all) of `model` on the NHWC batch `x`,
+    in that order: timm's `features_only` / `out_indices`, for detection or segmentation
+    backbones. The units after the last stage asked for (and the head) do not run.
+
+    Stage i ends at unit `model.stage_names()[i]`. ResNets: 0 is the stem (stride 4 on
+    ImageNet, after its max pool; timm's level 0 is before the pool, at stride 2), 1..4 the
+    four stages (strides 4, 8, 16, 32 on ImageNet). VGGs: the post-pool output of each max
+    pool (strides 2, 4, 8, 16, 32). `train` as in `unit_outputs`.
+    """
+    stages = model.stage_names()
+    indices = tuple(range(len(stages))) if out_indices is None else tuple(out_indices)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(stages):
+            raise ValueError(
+                f"out_indices must be stage numbers 0..{len(stages) - 1} (this model's stages end at "
+                f"{', '.join(stages)}); got {i!r} in {indices!r}"
+            )
+    if not indices:
+        raise ValueError(f"out_indices is empty; pick from stages 0..{len(stages) - 1}")
+    names = model.unit_names()
+    stop = max((stages[i] for i in indices), key=names.index)
+    if not train:
+        _, outputs = model.apply(variables, x, False, stop=stop, capture=True)
+    else:
+        (_, outputs), _ = model.apply(variables, x, True, stop=stop, capture=True, rngs=rngs,
+                                      mutable=["batch_stats"])
+    return [outputs[stages[i]] for i in indices]

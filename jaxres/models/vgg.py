@@ -19,7 +19,7 @@ from flax import linen as nn
 from jaxres.models.layers import (
     ACTIVATIONS,
     adaptive_avg_pool,
-    check_num_classes,
+    check_num_classes_or_features,
     check_study_switches,
     conv_def,
     norm_def,
@@ -47,13 +47,14 @@ class ConvUnit(nn.Module):
     conv: ModuleDef
     norm: ModuleDef | None
     act: Callable
+    probes: bool = False  # see layers.probe
 
     @nn.compact
     def __call__(self, x):
         x = self.conv(self.features, (3, 3), 1, padding=pad(1), name="conv")(x)
         if self.norm is not None:
             x = self.norm(name="norm")(x)
-        x = self.act(probe(self, "layer1", x))
+        x = self.act(probe(self, "layer1", x, self.probes))
         return nn.max_pool(x, (2, 2), strides=(2, 2)) if self.pool else x
 
 
@@ -62,6 +63,11 @@ class Classifier(nn.Module):
 
     torchvision flattens NCHW; converted weights reorder the first Dense (weights issue).
     Init as torchvision: N(0, 0.01) weights, zero biases.
+
+    Returns `(logits, features)`: `features["pre_logits"]` is what the last Dense reads, and
+    each hidden Dense layer's activation is there under the paper's name (fc6, fc7; their
+    parameters are fc1, fc2). With `num_classes=0` there is no last Dense and the "logits" are
+    the pre-logits, in the compute dtype.
     """
 
     num_classes: int
@@ -84,15 +90,23 @@ class Classifier(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        features = {}
         for i, width in enumerate(self.widths):
-            x = self.act(dense(width, name=f"fc{i + 1}")(x))
+            x = features[f"fc{i + 6}"] = self.act(dense(width, name=f"fc{i + 1}")(x))
             x = nn.Dropout(self.dropout, deterministic=not self.train)(x)
+        features["pre_logits"] = x
+        if self.num_classes == 0:
+            return x, features
         x = dense(self.num_classes, name=f"fc{len(self.widths) + 1}")(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.float32), features
 
 
 class VGG(UnitModel):
-    """One class for every VGG of the zoo. Defaults: torchvision's ImageNet VGG without BN."""
+    """One class for every VGG of the zoo. Defaults: torchvision's ImageNet VGG without BN.
+
+    `num_classes=0`: no last linear layer; the model returns the classifier's last hidden
+    activation (fc7, 4096 wide; with `classifier_widths=()` the flattened pooled features).
+    """
 
     layers: Sequence[int | str]
     num_classes: int = 1000
@@ -110,7 +124,7 @@ class VGG(UnitModel):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        check_num_classes(self.num_classes)
+        check_num_classes_or_features(self.num_classes)
         check_study_switches(self.activation, self.norm, self.kernel_init)
         if not self.layers or self.layers[0] == "M" or any(
             not (v == "M" or (isinstance(v, int) and v > 0)) for v in self.layers
@@ -120,7 +134,15 @@ class VGG(UnitModel):
             )
         super().__post_init__()
 
-    def unit_specs(self, train: bool) -> list[UnitSpec]:
+    def classifier_path(self) -> tuple[str, ...]:
+        """Flax module path of the last linear layer, the one whose width is `num_classes`."""
+        return ("head", f"fc{len(self.classifier_widths) + 1}")
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The units that end in a max pool (post-pool outputs at strides 2, 4, 8, ...)."""
+        return tuple(spec.name for spec in self.unit_specs(False) if spec.halvings)
+
+    def unit_specs(self, train: bool, probes: bool = False) -> list[UnitSpec]:
         # VGG convs keep their bias even with BN (torchvision), hence use_bias=True.
         conv = conv_def(self.kernel_init, True, self.dtype, self.param_dtype)
         norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
@@ -133,7 +155,8 @@ class VGG(UnitModel):
                 continue
             pool = i + 1 < len(widths) and widths[i + 1] == "M"
             name = "stem" if not specs else f"unit_{len(specs)}"
-            build = functools.partial(ConvUnit, features=width, pool=pool, conv=conv, norm=norm, act=act)
+            build = functools.partial(ConvUnit, features=width, pool=pool, conv=conv, norm=norm, act=act,
+                                      probes=probes)
             specs.append(UnitSpec(name, build, channels, halvings=int(pool)))
             channels = width
         head = functools.partial(
