@@ -3,12 +3,16 @@
     DIR/.lock                  held (flock) by the process that trains in DIR; holds its PID
     DIR/config.json            the latest invocation's config, for people (checkpoints hold their own)
     DIR/checkpoints/<step>/    orbax checkpoints, four items each:
-                                 state  step, params, batch_stats, opt_state, rng (+ loss_scale): arrays
-                                 data   the grain training iterator's state (JSON)
-                                 config the run's config (JSON)
-                                 meta   step, time, eval metrics if any (JSON)
+                                 state   step, params, batch_stats, opt_state, rng (+ loss_scale): arrays
+                                 data    the grain training iterator's state (JSON)
+                                 config  the run's config (JSON)
+                                 meta    step, time, eval metrics if any (JSON)
+                               and, at evaluated steps, orbax's `metrics` item (the eval metrics).
+                               One orbax manager keeps the latest `keep` and the best by eval
+                               accuracy (its preservation policies LatestN + BestN).
     DIR/checkpoints.corrupt/   checkpoints that could not be read, moved aside (never deleted)
-    DIR/best/<step>/           the best checkpoint by eval accuracy (same items)
+    DIR/best/<step>/           workdirs written before the best checkpoint moved into
+                               checkpoints/ keep it here; read, never written
     DIR/metrics.jsonl          train/eval metrics (jaxres.train.metrics)
     DIR/analysis.jsonl         gradient propagation during training (jaxres.analysis.monitor)
     DIR/tensorboard/           the same scalars for TensorBoard
@@ -104,7 +108,8 @@ class Workdir:
     """The directory of one training run (see the module docstring for the layout).
 
     `Workdir(path)` only reads; `create=True` makes the directory (and checks it can be
-    written) for a trainer. `keep` is how many periodic checkpoints to keep.
+    written) for a trainer. `keep` is how many of the latest checkpoints to keep; the best
+    evaluated one is kept besides them.
     """
 
     def __init__(self, path, *, create: bool = False, keep: int = 3):
@@ -171,12 +176,28 @@ class Workdir:
         import orbax.checkpoint as ocp
 
         if kind not in self._managers:
+            import logging
+
+            from orbax.checkpoint import checkpoint_managers as policies
+
+            absl_logger = logging.getLogger("absl")
+            if _without_metrics_warning not in absl_logger.filters:
+                absl_logger.addFilter(_without_metrics_warning)
+
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=1 if kind == "best" else self.keep,
+                # best_fn makes orbax write and read the `metrics` item; preservation_policy alone
+                # decides what is deleted: the latest `keep`, and the best evaluated checkpoint.
+                best_fn=_eval_accuracy,
+                best_mode="max",
+                preservation_policy=policies.AnyPreservationPolicy([
+                    policies.LatestN(self.keep),
+                    policies.BestN(get_metric_fn=_eval_accuracy, n=1, keep_checkpoints_without_metrics=False),
+                ]),
                 create=False,
                 # Synchronous: a save has finished (and is renamed into place) when save() returns,
                 # so a checkpoint named in the log is on disk even if the process dies next.
                 enable_async_checkpointing=False,
+                read_only=kind == "best",
             )
             # Handlers named up front, so that a fresh process can read one item (or its metadata) alone.
             handlers = {item: ocp.JsonCheckpointHandler() for item in ITEMS if item != "state"}
@@ -194,6 +215,41 @@ class Workdir:
     def latest_step(self, kind: str = "checkpoints") -> int | None:
         steps = self.steps(kind)
         return steps[-1] if steps else None
+
+    def best(self) -> tuple[str, int] | None:
+        """(kind, step) of the checkpoint with the highest eval accuracy (the latest of equals),
+        or None when no checkpoint was evaluated; an older workdir's `best/` directory is read
+        when checkpoints/ holds no evaluated one."""
+        if self.directory().is_dir():
+            step = self._manager("checkpoints").best_step()
+            if step is not None:
+                return "checkpoints", int(step)
+        legacy = self.latest_step("best")
+        return ("best", legacy) if legacy is not None else None
+
+    def best_eval(self, report=print) -> dict | None:
+        """The eval metrics of the best checkpoint, with its `step`, or None; a best checkpoint of
+        an older workdir whose meta cannot be read is reported and skipped, never moved."""
+        found = self.best()
+        if found is None:
+            return None
+        kind, step = found
+        if kind == "checkpoints":
+            metrics = self._manager(kind).metrics(step)
+        else:
+            try:
+                metrics = self.stored_json(step, "meta", kind).get("eval")
+            except Exception as err:  # noqa: BLE001 - its files cannot be read
+                report(f"best checkpoint {step} in {self.directory(kind)} is unreadable ({describe_error(err)}); "
+                       f"the best eval accuracy starts again from this run's evaluations")
+                return None
+        return dict(metrics, step=step) if metrics else None
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every host of a multi-process job has reached the step at which to save after
+        a preemption notice (SIGTERM); JAX's preemption service, started by
+        `jax.distributed.initialize`, agrees on it. Call it after every step, on every host."""
+        return self._manager("checkpoints").reached_preemption(int(step))
 
     def _path_of(self, kind: str, step: int) -> Path:
         return self.directory(kind) / str(step)
@@ -220,7 +276,7 @@ class Workdir:
             raise CheckpointMismatchError(
                 f"checkpoint {step} in {self.directory(kind)} holds other arrays than this run expects "
                 f"({'; '.join(differences)}); it was written by another model or version of the code")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(_restore_target, target)
         out = self._manager(kind).restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -265,19 +321,21 @@ class Workdir:
         report(f"checkpoint {step} in {self.directory(kind)} is unreadable ({describe_error(err)}); moved it to "
                f"{target} and trying the previous one")
 
-    def save(self, step: int, tree: dict, data_state: dict, config: dict, meta: dict | None = None, *,
-             kind: str = "checkpoints") -> None:
-        """Writes one complete checkpoint at `step` (synchronously). A failed write (disk full,
+    def save(self, step: int, tree: dict, data_state: dict, config: dict, eval_metrics: dict | None = None) -> None:
+        """Writes one complete checkpoint at `step` (synchronously); `eval_metrics` (with an
+        `accuracy`) makes it a candidate for the best checkpoint. A failed write (disk full,
         read-only, ...) raises CheckpointWriteError naming the checkpoints that are intact."""
         import orbax.checkpoint as ocp
 
-        meta = {"step": int(step), "time": time.time(), **(meta or {})}
+        kind = "checkpoints"
+        meta = {"step": int(step), "time": time.time(), **({"eval": eval_metrics} if eval_metrics else {})}
         try:
             self.directory(kind).mkdir(parents=True, exist_ok=True)
             manager = self._manager(kind)
             manager.save(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)), force=True)
+                config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)),
+                metrics=dict(eval_metrics) if eval_metrics else None, force=True)
             manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - orbax wraps OS errors in several types
             self._drop_manager(kind)
@@ -309,6 +367,29 @@ class Workdir:
         write_text_atomic(self.path / "config.json", config_json)
 
 
+def _restore_target(leaf) -> jax.ShapeDtypeStruct:
+    """A leaf of a restore target with a sharding: its own, else this process's first device
+    (a `jax.eval_shape` target has none, and orbax would otherwise lay the arrays out as they
+    were saved, on devices a reader may not have)."""
+    import orbax.checkpoint as ocp
+
+    struct = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(struct, "sharding", None) is not None:
+        return struct
+    return jax.ShapeDtypeStruct(struct.shape, struct.dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
+def _eval_accuracy(metrics: dict) -> float:
+    return float(metrics["accuracy"])
+
+
+def _without_metrics_warning(record) -> bool:
+    # orbax warns at every save without metrics once best_fn is set; here only evaluated
+    # checkpoints have them, by design.
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
 def _os_error_in(err: BaseException) -> OSError | None:
     """The OSError behind `err` (orbax and tensorstore re-raise OS errors as other types)."""
     seen = err
@@ -332,11 +413,18 @@ def _reason(err: BaseException) -> str:
 
 def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int]:
     """`(workdir, kind, step)` for a path to a workdir, its `checkpoints/` or `best/` directory,
-    or one step directory in them; `step` is "latest" or a number."""
+    or one step directory in them; `step` is "latest", "best" or a number. `WORKDIR/best` names
+    the best checkpoint, in checkpoints/ or an older workdir's best/ directory."""
     root, kind, named = _parts(Path(path).absolute())
     workdir = Workdir(root)
     if named is not None:
         return workdir, kind, named
+    if step == "best" or (kind == "best" and step == "latest"):
+        found = workdir.best()
+        if found is None:
+            raise FileNotFoundError(f"{workdir.path} holds no evaluated checkpoint, so no best one; evaluate during "
+                                    f"training (eval_every_steps) or name a step")
+        return workdir, *found
     steps = workdir.steps(kind)
     if not steps:
         raise FileNotFoundError(f"{workdir.directory(kind)} holds no checkpoint")
@@ -359,4 +447,6 @@ def _parts(path: Path) -> tuple[Path, str, int | None]:
 def is_workdir_layout(path) -> bool:
     """True for a path that `find_checkpoint` understands (a workdir, its checkpoint kinds, a step)."""
     root, kind, step = _parts(Path(path))
+    if kind == "best" and step is None and not (root / kind).is_dir():
+        kind = "checkpoints"  # the best checkpoint lives among the others
     return (root / kind if step is None else root / kind / str(step) / "state").is_dir()

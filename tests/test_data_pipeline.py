@@ -1,10 +1,12 @@
 """Input pipeline: the papers' augmentations, deterministic and resumable training order,
 per-host sharding, and evaluation that counts every example once."""
 
+import grain
+import jax
 import numpy as np
 import pytest
 
-from jaxres.data import eval_batches, num_eval_batches, pipeline, train_dataset, train_iterator, transforms
+from jaxres.data import DevicePrefetch, eval_batches, num_eval_batches, train_dataset, train_iterator, transforms
 
 
 class IndexSource:
@@ -103,7 +105,7 @@ def test_hosts_read_disjoint_shards():
     seen = []
     for host in range(3):
         ds = train_dataset(IndexSource(30), batch_size=10, seed=0, transform=labels_only,
-                           process_index=host, process_count=3)
+                           shard=grain.sharding.ShardOptions(host, 3))
         seen.append(set(ds[0]["label"].tolist()))
     assert set.union(*seen) == set(range(30)) and sum(map(len, seen)) == 30
 
@@ -119,7 +121,7 @@ def test_eval_counts_every_example_of_an_odd_split_once():
 
 def test_eval_hosts_run_equal_batch_counts_and_cover_the_split():
     per_host = [list(eval_batches(IndexSource(201), batch_size=50, transform=labels_only,
-                                  process_index=h, process_count=2)) for h in range(2)]
+                                  shard=grain.sharding.ShardOptions(h, 2))) for h in range(2)]
     assert len(per_host[0]) == len(per_host[1]) == 3  # ceil(ceil(201 / 2) / 50)
     real = sorted(np.concatenate([b["label"][b["mask"] == 1] for bs in per_host for b in bs]).tolist())
     assert real == list(range(201))
@@ -130,6 +132,28 @@ def test_batch_larger_than_split_is_rejected():
         train_dataset(IndexSource(10), batch_size=64, seed=0, transform=labels_only)
 
 
-def test_pad_batch_masks_the_padding():
-    out = pipeline.pad_batch({"label": np.array([4, 5], np.int32)}, 4)
-    assert out["label"].tolist() == [4, 5, 0, 0] and out["mask"].tolist() == [1, 1, 0, 0]
+def test_eval_padding_rows_are_masked_copies_of_a_real_example():
+    last = list(eval_batches(IndexSource(6), batch_size=4, transform=labels_only))[-1]
+    assert last["label"].tolist() == [4, 5, 0, 0] and last["mask"].tolist() == [1, 1, 0, 0]
+    assert last["mask"].dtype == np.float32
+
+
+def test_a_shard_outside_the_hosts_is_refused():
+    with pytest.raises(ValueError, match="shard_index must be in \\[0, shard_count - 1\\]"):
+        grain.sharding.ShardOptions(3, 3)
+
+
+def test_device_prefetch_reads_ahead_but_checkpoints_the_batches_the_step_took():
+    ds = train_dataset(IndexSource(40), batch_size=4, seed=0, transform=labels_only)
+    plain = train_iterator(ds)
+    expected = [next(plain)["label"].tolist() for _ in range(6)]
+    prefetched = DevicePrefetch(train_iterator(ds), jax.device_put, size=3)
+    taken = [next(prefetched) for _ in range(3)]
+    assert all(isinstance(b["label"], jax.Array) for b in taken)  # already on the device
+    assert [b["label"].tolist() for b in taken] == expected[:3]
+    assert prefetched.iterator.get_state() == {"next_index": 5}  # two batches ahead
+    state = prefetched.get_state()
+    assert state == {"next_index": 3}
+    resumed = DevicePrefetch(train_iterator(ds), jax.device_put)
+    resumed.set_state(state)
+    assert [next(resumed)["label"].tolist() for _ in range(3)] == expected[3:]

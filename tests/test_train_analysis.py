@@ -51,7 +51,7 @@ def test_records_equal_end_to_end_norms_on_the_checkpoint_and_the_probe_batch(an
             grad = np.sqrt(np.sum(np.square(expected["units"][unit]["input"]["loss_grad"])))
             np.testing.assert_allclose(record["dL_dh"][unit], grad, rtol=1e-6)
             np.testing.assert_allclose(record["dlogits_dh"][unit]["median"],
-                                       np.median(expected["units"][unit]["input"]["logit_jac"]), rtol=1e-6)
+                                       np.median(expected["units"][unit]["input"]["logit_jac_summed_rows"]), rtol=1e-6)
 
 
 def test_a_run_stopped_and_resumed_ends_with_the_records_of_an_uninterrupted_one(analysed, monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from jaxres.models import ResNet
 from jaxres.train import create_train_state, train_and_evaluate, train_step
-from jaxres.train.precision import DynamicLossScale
+from jaxres.train.precision import dynamic_loss_scale
 from tests.test_train_loop import tiny_config
 
 STEPS = 5
@@ -34,7 +34,7 @@ def float32_run():
     return run_steps(jnp.float32)
 
 
-@pytest.mark.parametrize("dtype, loss_scale", [(jnp.bfloat16, None), (jnp.float16, DynamicLossScale.create())])
+@pytest.mark.parametrize("dtype, loss_scale", [(jnp.bfloat16, None), (jnp.float16, dynamic_loss_scale())])
 def test_low_precision_losses_track_float32(float32_run, dtype, loss_scale):
     _, reference = float32_run
     state, history = run_steps(dtype, loss_scale)
@@ -44,13 +44,13 @@ def test_low_precision_losses_track_float32(float32_run, dtype, loss_scale):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.batch_stats))
     if loss_scale is not None:
         assert sum(m["skipped"] for m in history) == 0
-        assert int(state.loss_scale.good_steps) == STEPS
+        assert int(state.loss_scale.fin_steps) == STEPS
 
 
 def test_float16_overflow_skips_the_step_and_halves_the_scale():
     # 2**40 times the loss overflows float16's 65,504 in the backward pass
-    state, history = run_steps(jnp.float16, DynamicLossScale.create(2.0**40), steps=1)
-    fresh, _ = run_steps(jnp.float16, DynamicLossScale.create(2.0**40), steps=0)
+    state, history = run_steps(jnp.float16, dynamic_loss_scale(2.0**40), steps=1)
+    fresh, _ = run_steps(jnp.float16, dynamic_loss_scale(2.0**40), steps=0)
     assert history[0]["skipped"] == 1.0 and history[0]["loss_scale"] == 2.0**40
     assert float(state.loss_scale.scale) == 2.0**39
     assert int(state.step) == 1  # the step counts; nothing else moved
@@ -59,13 +59,28 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale():
         np.testing.assert_array_equal(new, old)
 
 
-def test_loss_scale_grows_after_a_period_of_finite_steps():
-    scale = DynamicLossScale.create(8.0, period=3)
-    for _ in range(3):
-        scale = scale.update(jnp.array(True))
-    assert float(scale.scale) == 16.0 and int(scale.good_steps) == 0
-    assert float(scale.update(jnp.array(False)).scale) == 8.0
-    assert float(DynamicLossScale.create(1.0).update(jnp.array(False)).scale) == 1.0  # never below 1
+def test_loss_scale_doubles_after_its_growth_interval_and_never_drops_below_one():
+    # flax's DynamicScale: after growth_interval finite steps in a row, the next finite one doubles it.
+    scale = dynamic_loss_scale(8.0, growth_interval=2)
+    for expected in (8.0, 8.0, 16.0, 16.0):
+        scale = update(scale, True)
+        assert float(scale.scale) == expected
+    assert float(update(scale, False).scale) == 8.0 and int(update(scale, False).fin_steps) == 0
+    assert float(update(dynamic_loss_scale(1.0), False).scale) == 1.0  # never below 1
+    assert scale.scale.dtype == jnp.float32 and scale.fin_steps.dtype == jnp.int32  # as checkpointed
+
+
+def update(scale, finite: bool):
+    """The scale after one step whose gradient is finite or not (a gradient of 1 or inf)."""
+    grad = jnp.float32(1.0 if finite else jnp.inf)
+    new_scale, is_finite, _, _ = scale.value_and_grad(lambda w: w * grad)(jnp.float32(1.0))
+    assert bool(is_finite) == finite
+    return new_scale
+
+
+def test_old_initial_scales_below_one_are_refused():
+    with pytest.raises(ValueError, match="initial loss scale must be >= 1 .*got 0.5"):
+        dynamic_loss_scale(0.5)
 
 
 @pytest.mark.parametrize("parallel, dtype", [("pmap", "bfloat16"), ("sharded", "float16")])

@@ -128,6 +128,32 @@ def test_imagenet_step_decay_divides_by_ten_every_30_epochs():
                                rtol=1e-6)
 
 
+def test_optax_schedules_equal_the_papers_formulas_at_and_around_every_boundary():
+    # Reference: lr(c) = base * prod(scale_b for b <= c), and base * factor ** (c // period),
+    # written out here in numpy, independent of optax.
+    boundaries = {400: 10.0, 32000: 0.1, 48000: 0.1}
+    lr = piecewise_constant(0.01, boundaries)
+    counts = [c + d for c in (0, 400, 32000, 48000) for d in (-1, 0, 1) if c + d >= 0] + [64000]
+    expected = [0.01 * np.prod([s for b, s in boundaries.items() if b <= c]) for c in counts]
+    np.testing.assert_allclose([float(lr(c)) for c in counts], expected, rtol=1e-6)
+    decay = step_decay(0.1, 150120, 0.1)
+    counts = [c + d for c in (0, 150120, 300240, 450360) for d in (-1, 0, 1) if c + d >= 0]
+    np.testing.assert_allclose([float(decay(c)) for c in counts], [0.1 * 0.1 ** (c // 150120) for c in counts],
+                               rtol=1e-6)
+
+
+def test_schedules_refuse_negative_boundaries_and_zero_factors():
+    with pytest.raises(ValueError, match="non-negative iterations, got \\[-5, 100\\]"):
+        piecewise_constant(0.1, {100: 0.1, -5: 0.1})
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        step_decay(0.1, 100, 0.0)
+    # optax would return NaN at every step, before the boundary too
+    with pytest.raises(ValueError, match="scale 1e\\+40 at step 2 \\(learning rate 1e\\+39\\) exceeds float32"):
+        piecewise_constant(0.1, {2: 1e40})
+    with pytest.raises(ValueError, match="scale 1e\\+39 at step 2 \\(learning rate 1e-05\\) exceeds float32"):
+        piecewise_constant(1e-44, {2: 1e39})
+
+
 def test_warmup_cosine_schedule():
     lr = warmup_cosine(0.4, 100, 1100)
     np.testing.assert_allclose([float(lr(c)) for c in (0, 50, 100, 600, 1100)], [0.0, 0.2, 0.4, 0.2, 0.0],

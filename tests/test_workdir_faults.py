@@ -16,14 +16,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxres.cli import main
 from jaxres.train import NonFiniteLossError, train_and_evaluate
+from jaxres.train import loop
 from jaxres.train.loop import Run
 from jaxres.train.metrics import MetricsWriter
 from jaxres.files import read_jsonl
-from jaxres.workdir import CheckpointMismatchError, Workdir, WorkdirBusyError
+from jaxres.workdir import CheckpointMismatchError, Workdir, WorkdirBusyError, find_checkpoint, is_workdir_layout
 from tests.test_train_loop import CONFIG, assert_trees_equal, final_tree, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,13 +125,13 @@ def sigterm_during(monkeypatch, owner, name, when=lambda *a, **k: True):
     return sent
 
 
-@pytest.mark.parametrize("moment", ["eval", "best save", "periodic save", "metrics write"])
+@pytest.mark.parametrize("moment", ["eval", "eval save", "periodic save", "metrics write"])
 def test_sigterm_at_an_awkward_moment_saves_the_checkpoint_it_names(finished, monkeypatch, tmp_path, moment):
     # Intervals that do not line up: eval every 3 steps, checkpoints every 2, logs every 4.
     config = tiny_config(num_steps=4, eval_every_steps=3, checkpoint_every_steps=2, log_every_steps=4)
     where = {"eval": (Run, "evaluate", lambda *a, **k: True),
-             "best save": (Workdir, "save", lambda *a, kind="checkpoints", **k: kind == "best"),
-             "periodic save": (Workdir, "save", lambda self, step, *a, kind="checkpoints", **k: step == 2),
+             "eval save": (Workdir, "save", lambda self, step, *a, **k: step == 3),
+             "periodic save": (Workdir, "save", lambda self, step, *a, **k: step == 2),
              "metrics write": (MetricsWriter, "write", lambda self, step, *a: step == 3)}[moment]
     sent = sigterm_during(monkeypatch, *where)
     messages = []
@@ -284,11 +287,14 @@ def test_analyze_names_a_checkpoint_that_is_a_file_or_damaged(finished, tmp_path
 
 # -- a NaN stop gives advice that works -----------------------------------------------------------
 
-def test_after_a_nan_stop_a_new_run_goes_on_from_the_last_good_checkpoint(tmp_path):
-    # After step 2 the learning rate overflows float32 (0.1 * 1e40): step 3 makes the weights inf.
-    bad = tiny_config(lr_boundaries={"2": 1e40}, checkpoint_every_steps=1)
-    with pytest.raises(NonFiniteLossError) as err:
+def test_after_a_nan_stop_a_new_run_goes_on_from_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # From the third step on the learning rate is inf (the schedules refuse to build one), so
+    # step 3 makes the weights non-finite.
+    monkeypatch.setattr(loop, "make_schedule", lambda config, steps: lambda count: jnp.where(count >= 2, jnp.inf, 0.1))
+    bad = tiny_config(checkpoint_every_steps=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 3") as err:
         train_and_evaluate(bad, tmp_path / "bad", **QUIET)
+    monkeypatch.undo()
     good = int(str(err.value).split("Last good checkpoint: checkpoint ")[1].split()[0])
     assert good == 2 and f"--config.init_from={tmp_path / 'bad'}" in str(err.value)
     messages = []
@@ -305,3 +311,38 @@ def test_eval_passes_a_data_problem_through_instead_of_blaming_the_checkpoint(fi
     assert main(["eval", "--workdir", str(finished[0]), "--split", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert "nonsense" in err and "cannot be read" not in err, err
+
+
+# -- one checkpoint manager keeps the latest and the best ------------------------------------------
+
+def test_the_best_evaluated_checkpoint_outlives_the_latest_n_and_is_what_best_names(tmp_path):
+    accuracies = {1: 0.1, 2: 0.5, 3: 0.2, 4: None, 5: 0.3}  # 4: a periodic checkpoint, not evaluated
+    with Workdir(tmp_path, create=True, keep=2) as wd:
+        for step, accuracy in accuracies.items():
+            metrics = None if accuracy is None else {"loss": 1.0, "accuracy": accuracy, "count": 10.0}
+            wd.save(step, {"step": np.int32(step), "w": np.zeros(3, np.float32)}, {"next_index": step}, {}, metrics)
+    with Workdir(tmp_path) as wd:  # a fresh reader: orbax reads the metrics back from disk
+        assert wd.steps() == [2, 4, 5]  # the latest 2, and the best besides them
+        assert wd.best() == ("checkpoints", 2)
+        assert wd.best_eval() == {"loss": 1.0, "accuracy": 0.5, "count": 10.0, "step": 2}
+    for path in (tmp_path / "best", tmp_path):
+        workdir, kind, step = find_checkpoint(path, "best" if path == tmp_path else "latest")
+        assert (kind, step) == ("checkpoints", 2)
+    assert is_workdir_layout(tmp_path / "best")
+
+
+def test_an_older_workdirs_best_directory_is_still_read(tmp_path):
+    with Workdir(tmp_path, create=True) as wd:
+        wd.save(3, {"step": np.int32(3)}, {"next_index": 3}, {"model": "ResNet"},
+                {"loss": 1.0, "accuracy": 0.25, "count": 4.0})
+    (tmp_path / "best").mkdir()
+    shutil.move(tmp_path / "checkpoints" / "3", tmp_path / "best" / "3")  # the layout before one manager
+    with Workdir(tmp_path) as wd:
+        assert wd.best() == ("best", 3) and wd.best_eval()["accuracy"] == 0.25
+        assert wd.stored_json(3, "config", "best") == {"model": "ResNet"}
+    assert find_checkpoint(tmp_path / "best")[1:] == ("best", 3)
+    never_evaluated = tmp_path / "never_evaluated"
+    with Workdir(never_evaluated, create=True) as wd:
+        wd.save(1, {"step": np.int32(1)}, {"next_index": 1}, {})
+    with pytest.raises(FileNotFoundError, match="holds no evaluated checkpoint, so no best one"):
+        find_checkpoint(never_evaluated, "best")

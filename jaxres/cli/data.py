@@ -62,14 +62,14 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> int:
     if spec.prepare == "manual" and not manual_dir:
         raise ValueError(f"{name} cannot be downloaded automatically; download it as TFDS documents and pass "
                          f"--manual-dir DIR")
-    try:
-        import tensorflow  # noqa: F401 - TFDS encodes Image features with TensorFlow
-    except ModuleNotFoundError:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:  # TFDS encodes Image features with TensorFlow
         raise ModuleNotFoundError(
             f"preparing {name} needs TensorFlow to encode its images once: pip install 'jaxres[prepare]' "
             f"(training and evaluation never need it)"
             + (f"; or, offline: jaxres data import {name} --from IDX_DIR" if spec.prepare == "import" else "")
-        ) from None
+        )
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from jaxres.parallel import initialize_distributed
+    from jaxres.train.distributed import initialize_distributed
     from jaxres.train import NonFiniteLossError, apply_overrides, load_config, train_and_evaluate
     from jaxres.workdir import WorkdirBusyError
 

@@ -2,9 +2,10 @@
 the offline IDX importer. Training and evaluation never need TensorFlow."""
 
 from jaxres.data.pipeline import (
+    DevicePrefetch,
     eval_batches,
+    host_indices,
     num_eval_batches,
-    pad_batch,
     probe_batch,
     train_dataset,
     train_iterator,
@@ -13,6 +14,7 @@ from jaxres.data.sources import DATASETS, DatasetSpec, dataset_spec, default_dat
 from jaxres.data.transforms import eval_transform, train_transform
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "dataset_spec", "default_data_dir", "eval_batches", "eval_transform",
-    "load_source", "num_eval_batches", "pad_batch", "probe_batch", "train_dataset", "train_iterator", "train_transform",
+    "DATASETS", "DatasetSpec", "DevicePrefetch", "dataset_spec", "default_data_dir", "eval_batches", "eval_transform",
+    "host_indices", "load_source", "num_eval_batches", "probe_batch", "train_dataset", "train_iterator",
+    "train_transform",
 ]

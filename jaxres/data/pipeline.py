@@ -9,6 +9,8 @@ resumed run to see exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from typing import Callable, Iterator
 
@@ -29,24 +31,25 @@ def read_records(source, indices) -> list[dict]:
     return [source[i] for i in indices]
 
 
-def shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
-    """This host's share of `ds` (every `process_count`-th example): per-host input sharding."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-    return ds if process_count == 1 else ds[process_index::process_count]
+def host_indices(num_examples: int, shard: grain.sharding.ShardOptions | None) -> grain.MapDataset:
+    """The example indices of this host: every `shard_count`-th from `shard_index` (grain's
+    `ShardByJaxProcess()` when `shard` is None: this JAX process's share)."""
+    shard = shard or grain.sharding.ShardByJaxProcess()
+    return grain.MapDataset.range(num_examples)[shard.shard_index::shard.shard_count]
 
 
 def train_dataset(source, *, batch_size: int, seed: int, transform: Callable,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  shard: grain.sharding.ShardOptions | None = None) -> grain.MapDataset:
     """An endless random-access dataset of batches `{"image": float32 (B, H, W, C), "label":
-    int32 (B,)}` for this host; `batch_size` is the per-host batch. Batch i is a pure
-    function of (source, seed, i): example indices shuffled with a permutation reseeded every
-    epoch, read in bulk, then `transform(records, rng)` with a generator grain seeds from
-    (seed, i). Consecutive epochs are concatenated, so no example is dropped at epoch ends.
+    int32 (B,)}` for this host (`shard`, see `host_indices`); `batch_size` is the per-host
+    batch. Batch i is a pure function of (source, seed, i): example indices shuffled with a
+    permutation reseeded every epoch, read in bulk, then `transform(records, rng)` with a
+    generator grain seeds from (seed, i). Consecutive epochs are concatenated, so no example
+    is dropped at epoch ends.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    indices = shard(grain.MapDataset.range(len(source)), process_index, process_count)
+    indices = host_indices(len(source), shard)
     if len(indices) < batch_size:
         raise ValueError(f"per-host batch size {batch_size} exceeds this host's {len(indices)} training examples")
 
@@ -61,6 +64,41 @@ def train_iterator(ds: grain.MapDataset, *, num_threads: int = 2, prefetch: int 
     """A prefetching iterator with `get_state()` / `set_state(state)` for checkpoints."""
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(read))
+
+
+class DevicePrefetch:
+    """Batches placed on the devices `size - 1` steps ahead of the step that reads them, so
+    that host-to-device copies overlap computation (flax's `prefetch_to_device`, for any
+    `put`: one device, pmap's leading axis or a sharded global array).
+
+    `get_state()` is the wrapped iterator's state after the last batch handed out, not after
+    the ones waiting here: a checkpoint resumes at the next batch the step would have read.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, put: Callable[[dict], object], size: int = 2):
+        if size < 1:
+            raise ValueError(f"device prefetch must be >= 1 batch (1: none ahead; config.device_prefetch), got {size}")
+        self.iterator, self.put, self.size = iterator, put, size
+        self.queue = collections.deque()
+        self.state = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self.queue) < self.size:
+            batch = next(self.iterator)
+            self.queue.append((self.put(batch), self.iterator.get_state()))
+        batch, self.state = self.queue.popleft()
+        return batch
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state() if self.state is None else self.state
+
+    def set_state(self, state: dict) -> None:
+        self.queue.clear()
+        self.state = None
+        self.iterator.set_state(state)
 
 
 def probe_batch(source, *, transform: Callable, size: int, seed: int) -> dict:
@@ -79,41 +117,35 @@ def probe_batch(source, *, transform: Callable, size: int, seed: int) -> dict:
     return transform(read_records(source, indices))
 
 
-def pad_batch(batch: dict, batch_size: int) -> dict:
-    """Pads every array of `batch` with zeros to `batch_size` rows and adds `mask`
-    (float32 (batch_size,), 1 for real examples): evaluation counts each example once."""
-    n = len(batch["label"])
-    out = {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-    out["mask"] = (np.arange(batch_size) < n).astype(np.float32)
-    return out
-
-
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
     """Batches every host runs so that all hosts take the same number of steps."""
     return max(1, math.ceil(math.ceil(num_examples / process_count) / batch_size))
 
 
-def eval_batches(source, *, batch_size: int, transform: Callable, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 2) -> Iterator[dict]:
+def eval_batches(source, *, batch_size: int, transform: Callable,
+                 shard: grain.sharding.ShardOptions | None = None, num_threads: int = 2) -> Iterator[dict]:
     """Every example of `source` exactly once, in order, as padded batches with a `mask`.
 
-    Yields `num_eval_batches(len(source), batch_size, process_count)` batches of
-    `{"image": float32 (B, H, W, C), "label": int32 (B,), "mask": float32 (B,)}`; trailing
-    batches of a host with fewer examples are fully masked.
+    Yields `num_eval_batches(len(source), batch_size, shard.shard_count)` batches of
+    `{"image": float32 (B, H, W, C), "label": int32 (B,), "mask": float32 (B,)}` for this host
+    (`shard`, see `host_indices`). grain's `batch_and_pad` pads the last batch of indices
+    with -1; padding rows repeat a real example and have mask 0. Trailing batches of a host
+    with fewer examples are fully masked, so that all hosts run the same number of steps.
     """
-    indices = shard(grain.MapDataset.range(len(source)), process_index, process_count)
+    shard = shard or grain.sharding.ShardByJaxProcess()
+    indices = host_indices(len(source), shard)
+    pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size, pad_value=-1)
 
     def load(batch_indices):
-        return pad_batch(transform(read_records(source, batch_indices)), batch_size)
+        real = batch_indices >= 0
+        batch = transform(read_records(source, np.where(real, batch_indices, 0)))
+        return {**batch, "mask": real.astype(np.float32)}
 
-    ds = indices.batch(batch_size, drop_remainder=False).map(load)
-    total = num_eval_batches(len(source), batch_size, process_count)
+    ds = indices.batch(batch_size, batch_fn=pad)
+    total = num_eval_batches(len(source), batch_size, shard.shard_count)
     count = 0
-    for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)):
+    for batch in ds.map(load).to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)):
         count += 1
         yield batch
-    if count < total:  # this host ran out first: fully masked batches keep hosts in step
-        one = transform([source[0]])
-        empty = pad_batch({k: v[:0] for k, v in one.items()}, batch_size)
-        for _ in range(total - count):
-            yield empty
+    for _ in range(total - count):  # this host ran out first
+        yield load(np.full(batch_size, -1))

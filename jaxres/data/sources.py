@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from jaxres.data.synthetic import SyntheticSource
-from jaxres.models.layers import pick
+from jaxres.choices import pick
 
 
 @dataclasses.dataclass(frozen=True)

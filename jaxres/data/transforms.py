@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from jaxres.models.layers import pick
+from jaxres.choices import pick
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
@@ -52,7 +52,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int)
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image  # Pillow comes with matplotlib
+    from PIL import Image  # Pillow: the [train] extra
 
     channels = image.shape[-1]
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxres.models.layers import closest_names
+from jaxres.choices import closest_names
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.weight_decay_exclude_bn_and_bias = False
     c.label_smoothing = 0.0
-    # Precision and scale-out (jaxres.train.precision, jaxres.parallel).
+    # Precision and scale-out (jaxres.train.precision, jaxres.train.drivers).
     c.dtype = "float32"  # compute dtype: "float32" | "bfloat16" | "float16" (params stay float32)
     c.loss_scale_initial = 2.0**15  # float16 only: dynamic loss scaling starts here
     c.parallel = "auto"  # "auto" (single on one device, else sharded) | "single" | "pmap" | "sharded"
@@ -58,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.eval_every_steps = 2000  # also at the end; 0 = only at the end
     c.checkpoint_every_steps = 1000  # also at the end and on SIGTERM
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # the latest; the best evaluated one is kept besides them
     c.num_data_threads = 2
+    c.device_prefetch = 2  # training batches on the devices ahead of the step, this one included; 1 = none
     c.progress_bar = True
     return c
 

@@ -23,12 +23,11 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxres.models.layers import pick
+from jaxres.choices import pick
 from jaxres.train.step import eval_step, train_step
 
 AXIS = "data"

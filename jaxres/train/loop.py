@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the training loop around the pure step functions.
 
 It builds data -> model -> state from the config, resumes from the newest readable
-checkpoint in `workdir`, runs `train_step` through a parallel driver (jaxres.parallel: one
+checkpoint in `workdir`, runs `train_step` through a parallel driver (jaxres.train.drivers: one
 device, pmap or jit+shard_map), evaluates on the full split,
 logs metrics, and checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM.
 The state after step k depends only on (config, k): a run killed at any moment and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -22,14 +22,14 @@ from jaxres import data, models
 from jaxres.train import config as config_lib
 from jaxres.train import precision
 from jaxres.train.drivers import check_batch_size, make_driver
-from jaxres.train.metrics import MetricsWriter, summary_table
+from jaxres.train.metrics import MetricsWriter, StepTimer, summary_table
 from jaxres.train.optim import make_optimizer, make_schedule, schedule_reads_num_steps
-from jaxres.train.state import TrainState, checkpoint_tree, create_train_state
+from jaxres.train.state import TrainState, abstract_train_state, checkpoint_tree, create_train_state
 from jaxres.workdir import CheckpointMismatchError, Workdir, describe_error, find_checkpoint
 
 # Fields that do not change the trajectory: a resumed run may change them.
 BOOKKEEPING = {"parallel", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "num_data_threads", "progress_bar", "num_steps", "data_dir", "eval_batch_size", "eval_split"}
+               "num_data_threads", "device_prefetch", "progress_bar", "num_steps", "data_dir", "eval_batch_size", "eval_split"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,7 +51,11 @@ def build_model(config, spec: data.DatasetSpec):
 
 
 class Run:
-    """Everything derived from a config: data sources, model, optimizer, initial state."""
+    """Everything derived from a config: data sources, model, optimizer, initial state.
+
+    `need_train=False` (evaluation, restore targets) skips the training split and builds the
+    state abstractly (ShapeDtypeStruct leaves, no `init` compiled): fill it from a checkpoint.
+    """
 
     def __init__(self, config, *, need_train: bool = True):
         self.config = config
@@ -88,21 +92,19 @@ class Run:
         check_batch_size(config.batch_size // self.process_count, local)
         check_batch_size(config.eval_batch_size, local, name="eval_batch_size")
         shape = (1, self.spec.image_size, self.spec.image_size, self.spec.channels)
-        loss_scale = precision.DynamicLossScale.create(config.loss_scale_initial) if config.dtype == "float16" else None
-        self.state = create_train_state(self.model, tx, jax.random.PRNGKey(config.seed), shape, loss_scale)
+        loss_scale = precision.dynamic_loss_scale(config.loss_scale_initial) if config.dtype == "float16" else None
+        build_state = create_train_state if need_train else abstract_train_state
+        self.state = build_state(self.model, tx, jax.random.PRNGKey(config.seed), shape, loss_scale)
 
     def train_batches(self):
         ds = data.train_dataset(self.train_source, batch_size=self.config.batch_size // self.process_count,
-                                seed=self.config.seed, transform=self.train_transform,
-                                process_index=self.process_index, process_count=self.process_count)
+                                seed=self.config.seed, transform=self.train_transform)
         return data.train_iterator(ds, num_threads=self.config.num_data_threads)
 
     def analysis_model(self):
         """The model as the analysis sees it: units one by one (scan_units only changes how
         training executes them)."""
-        if getattr(self.model, "scan_units", False):
-            return self.model.clone(scan_units=False, remat_units=False)
-        return self.model
+        return self.model.clone(scan_units=False, remat_units=False)
 
     def analysis_variables(self, state: TrainState) -> dict:
         """Host copies of `state`'s variables in the per-unit layout the analysis reads."""
@@ -118,11 +120,11 @@ class Run:
         """Loss and accuracy over every example of the eval split (padded, masked batches);
         `state` is in the driver's device layout."""
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        for batch in data.eval_batches(self.eval_source, batch_size=self.config.eval_batch_size,
-                                       transform=self.eval_transform, process_index=self.process_index,
-                                       process_count=self.process_count,
-                                       num_threads=self.config.num_data_threads):
-            sums = jax.device_get(self.driver.eval_step(state, self.driver.put_batch(batch)))
+        # One host sync at the end: the host prepares the next batch while the devices compute.
+        batches = data.eval_batches(self.eval_source, batch_size=self.config.eval_batch_size,
+                                    transform=self.eval_transform, num_threads=self.config.num_data_threads)
+        per_batch = [self.driver.eval_step(state, self.driver.put_batch(batch)) for batch in batches]
+        for sums in jax.device_get(per_batch):
             for k in totals:
                 totals[k] += float(sums[k])
         count = totals["count"]
@@ -149,18 +151,31 @@ def check_resumable(saved: dict, config, workdir) -> None:
 
 
 class StopSignal:
-    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+    """SIGTERM as a stop request that the loop reads between steps (then it saves and exits).
 
-    def __init__(self):
+    One process: a handler turns the signal into the flag `received`. A multi-process job
+    passes `synced_stop` (orbax's `reached_preemption(step)`): JAX's preemption service, started
+    by `jax.distributed.initialize`, catches the SIGTERM on any host and agrees with the others
+    on a step, so that every host saves the same checkpoint; its handler is left in place.
+    """
+
+    def __init__(self, synced_stop: Callable[[int], bool] | None = None):
+        self.synced_stop = synced_stop
         self.received = False
         self.previous = None
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+        if self.synced_stop is None:
+            try:
+                self.previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                self.previous = None
         return self
+
+    def poll(self, step: int) -> None:
+        """Called after every step (orbax's sync point must see each step on every host)."""
+        if self.synced_stop is not None and self.synced_stop(step):
+            self.received = True
 
     def _handle(self, signum, frame):
         self.received = True
@@ -208,19 +223,6 @@ def _start_state(config, wd: Workdir, run: Run, report):
     return None, "", False
 
 
-def _best_eval(config, wd: Workdir, report) -> dict | None:
-    """The eval metrics of the best checkpoint (read from its meta item alone), or None."""
-    for step in reversed(wd.steps("best")):
-        try:
-            saved_config, meta = wd.stored_json(step, "config", "best"), wd.stored_json(step, "meta", "best")
-        except Exception as err:  # noqa: BLE001 - its files cannot be read
-            wd.quarantine("best", step, err, report)
-            continue
-        check_resumable(saved_config, config, wd.path)
-        return dict(meta.get("eval", {}), step=step)
-    return None
-
-
 def _train(config, wd: Workdir, report) -> dict:
     run = Run(config)
     state = run.state
@@ -233,7 +235,7 @@ def _train(config, wd: Workdir, report) -> dict:
         state = state.replace(**jax.device_get(restored.state))
         batches.set_state(restored.data)
         report(how)
-    best_eval = _best_eval(config, wd, report)
+    best_eval = wd.best_eval(report) if resumed else None
     primary = run.process_index == 0
     if primary:
         wd.write_config(config.to_json(indent=2))
@@ -247,28 +249,29 @@ def _train(config, wd: Workdir, report) -> dict:
 
     driver = run.driver
     state = driver.put_state(state)
+    batches = data.DevicePrefetch(batches, driver.put_batch, size=config.device_prefetch)
     pending, last_train, last_eval, stopped, saved_at = [], {}, None, False, None
-    window_start, window_steps = time.time(), 0
+    timer = StepTimer(config.batch_size)
 
     def flush():
         """Checks the pending steps' losses, then logs their means (one host sync)."""
-        nonlocal pending, last_train, window_start, window_steps
+        nonlocal pending, last_train
         if not pending:
             return
         values = jax.device_get(pending)
+        throughput = timer.lap()
         first = step - len(values) + 1
         for offset, m in enumerate(values):
             if not np.isfinite(m["loss"]):
                 stop_non_finite(f"loss is {float(m['loss'])} at step {first + offset}")
-        elapsed = time.time() - window_start
         # window means, except the count of float16 steps skipped for overflowing gradients
         last_train = {k: float((np.sum if k == "skipped" else np.mean)([m[k] for m in values])) for k in values[0]}
         last_train["learning_rate"] = float(run.schedule(step - 1))
-        last_train["step_time"] = elapsed / max(window_steps, 1)
-        last_train["images_per_second"] = config.batch_size * window_steps / max(elapsed, 1e-9)
+        last_train.update(throughput)
         if writer:
-            writer.write(step, "train", last_train)
-        pending, window_start, window_steps = [], time.time(), 0
+            with timer.paused():
+                writer.write(step, "train", last_train)
+        pending = []
 
     def stop_non_finite(what):
         good = wd.latest_step()
@@ -285,19 +288,22 @@ def _train(config, wd: Workdir, report) -> dict:
             stop_non_finite(f"parameters or optimizer state are non-finite at step {step}")
         return tree
 
-    def save(kind="checkpoints"):
+    def save(eval_metrics=None):
+        """Checkpoints `step`, once; `eval_metrics` make it a candidate for the best checkpoint."""
         nonlocal saved_at
-        wd.save(step, host_tree(), batches.get_state(), config_json, {"eval": last_eval} if last_eval else None,
-                kind=kind)
-        if kind == "checkpoints":
-            saved_at = step
+        if saved_at == step:
+            return
+        with timer.paused(state):
+            wd.save(step, host_tree(), batches.get_state(), config_json, eval_metrics)
+        saved_at = step
 
     def measure():
         nonlocal monitor
         if monitor is None or step in monitor.recorded_steps():
             return
         try:
-            monitor.measure(step, run.analysis_variables(driver.get_state(state)))
+            with timer.paused(state):
+                monitor.measure(step, run.analysis_variables(driver.get_state(state)))
         except Exception as err:  # noqa: BLE001 - a failed measurement never costs the training run
             report(f"analysis at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
             if writer:
@@ -308,17 +314,24 @@ def _train(config, wd: Workdir, report) -> dict:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=config.num_steps, initial=step, disable=not config.progress_bar, unit="step",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, desc="compiling" if step < config.num_steps else None)
     try:
-        with StopSignal() as stop:
+        with StopSignal(wd.reached_preemption if jax.process_count() > 1 else None) as stop:
             if not resumed:  # a new run's first state (step 0, or init_from's)
                 measure()
+            compiled = False
             while step < config.num_steps:
-                state, metrics = driver.train_step(state, driver.put_batch(next(batches)))
+                state, metrics = driver.train_step(state, next(batches))
                 step += 1
-                window_steps += 1
+                if compiled:
+                    timer.step()
+                else:  # the first step of this process compiled the step function
+                    timer.first_step_done(metrics)
+                    progress.set_description(None, refresh=False)
+                    compiled = True
                 pending.append(metrics)
                 progress.update(1)
+                stop.poll(step)
                 final = step == config.num_steps
                 evaluate = final or _due(step, config.eval_every_steps)
                 if (_due(step, config.log_every_steps) or evaluate or final or stop.received
@@ -326,21 +339,20 @@ def _train(config, wd: Workdir, report) -> dict:
                     flush()
                     progress.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
                 if evaluate:
-                    last_eval = run.evaluate(state)
-                    if writer:
-                        writer.write(step, "eval", last_eval)
-                    if best_eval is None or last_eval["accuracy"] > best_eval["accuracy"]:
-                        best_eval = dict(last_eval, step=step)
-                        save("best")
+                    with timer.paused(state):
+                        last_eval = run.evaluate(state)
+                        if writer:
+                            writer.write(step, "eval", last_eval)
+                    if best_eval is None or last_eval["accuracy"] >= best_eval["accuracy"]:
+                        best_eval = dict(last_eval, step=step)  # orbax's BestN keeps the latest of equals
+                    save(last_eval)
                 if final or _due(step, config.analysis_every_steps):
                     measure()
                 # Read the flag only now: a SIGTERM that arrived during the eval, the measurement or
-                # a save above must still get its checkpoint.
+                # a save above gets its checkpoint at this step.
                 if final or stop.received or _due(step, config.checkpoint_every_steps):
                     save()
-                if stop.received:
-                    if saved_at != step:  # the signal came during the save of another kind
-                        save()
+                if stop.received and saved_at == step:  # (one that came after the line above: next step)
                     stopped = True
                     report(f"SIGTERM: saved checkpoint {step} in {wd.directory()}; rerun the same command to resume")
                     if writer:
@@ -393,8 +405,8 @@ def evaluate_workdir(workdir, *, checkpoint: str = "latest", split: str = "", da
     """Evaluates a checkpoint of a run (`latest`, `best` or a step number) on its eval split
     (or `split`), with the config stored in that checkpoint. Reads only: a damaged checkpoint
     is reported with the ones that can be used instead, never moved."""
-    kind = "best" if checkpoint == "best" else "checkpoints"
-    wd, kind, wanted = find_checkpoint(Path(workdir) / kind, "latest" if checkpoint in ("latest", "best") else checkpoint)
+    wd, kind, wanted = find_checkpoint(workdir, checkpoint)
+
     def unreadable(err):
         others = [s for s in wd.steps(kind) if s != wanted]
         return ValueError(f"checkpoint {wanted} in {wd.directory(kind)} cannot be read ({describe_error(err)}); "

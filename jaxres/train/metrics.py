@@ -3,6 +3,7 @@ the final summary table printed at the end of a run."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -49,3 +50,58 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     rule = "-" * (width + 2 + max(len(value) for _, value in rows))
     return "\n".join([rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule])
+
+
+class StepTimer:
+    """Step throughput of a logging window: its wall time less the time the loop spent on other
+    work inside it (evaluation, checkpoints, analysis: wrapped in `paused(state)`). A process's
+    first step (compilation) is timed apart by `first_step_done`, so `images_per_second` counts
+    steps alone."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+        self.steps = 0
+        self.first_step_time = None
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def first_step_done(self, outputs) -> float:
+        """Waits for the first step's `outputs`, keeps its wall time (compilation included) for
+        the next `lap` and starts the step clock after it; returns that time in seconds."""
+        import jax
+
+        jax.block_until_ready(outputs)
+        self.first_step_time = time.perf_counter() - self.start - self.excluded
+        self.start, self.excluded, self.steps = time.perf_counter(), 0.0, 0
+        return self.first_step_time
+
+    @contextlib.contextmanager
+    def paused(self, state=None):
+        """Excludes the enclosed work from step time. Waits first for the steps already
+        dispatched on `state`, so that their device time stays counted."""
+        if state is not None:
+            import jax
+
+            jax.block_until_ready(state)
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+
+    def lap(self) -> dict:
+        """The window since the last lap, then starts the next: `step_time` (s) and
+        `images_per_second` when it holds timed steps, `first_step_time` (s, compilation
+        included) in the window of a process's first step."""
+        now = time.perf_counter()
+        seconds = max(now - self.start - self.excluded, 1e-9)
+        out = {}
+        if self.steps:
+            out = {"step_time": seconds / self.steps, "images_per_second": self.batch_size * self.steps / seconds}
+        if self.first_step_time is not None:
+            out["first_step_time"], self.first_step_time = self.first_step_time, None
+        self.start, self.excluded, self.steps = now, 0.0, 0
+        return out

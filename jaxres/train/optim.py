@@ -10,37 +10,41 @@ from __future__ import annotations
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxres.models.layers import pick
+from jaxres.choices import pick
 
 
 def piecewise_constant(base_lr: float, boundaries: Mapping[int, float]) -> optax.Schedule:
-    """lr(c) = base_lr * product of scales[b] over boundaries b <= c.
+    """lr(c) = base_lr * product of scales[b] over boundaries b <= c
+    (`optax.piecewise_constant_schedule`, which switches at c == b).
 
     He et al. 2015, section 4.2 (CIFAR): base 0.1, {32000: 0.1, 48000: 0.1}; ResNet-110
     warms up at 0.01 until 400 iterations: base 0.01, {400: 10, 32000: 0.1, 48000: 0.1}.
-    (optax.piecewise_constant_schedule switches one step later: it tests b < c.)
     """
-    items = sorted((int(b), float(s)) for b, s in dict(boundaries).items())
-    if any(b < 0 for b, _ in items):
-        raise ValueError(f"schedule boundaries must be non-negative iterations, got {[b for b, _ in items]}")
-    bounds = jnp.array([b for b, _ in items] or [0], jnp.int32)
-    factors = jnp.cumprod(jnp.array([1.0] + [s for _, s in items], jnp.float32))
-
-    def schedule(count):
-        passed = jnp.sum(jnp.asarray(count) >= bounds) if items else 0
-        return base_lr * factors[passed]
-
-    return schedule
+    items = {int(b): float(s) for b, s in dict(boundaries).items()}
+    if any(b < 0 for b in items):
+        raise ValueError(f"schedule boundaries must be non-negative iterations, got {sorted(items)}")
+    value, largest = abs(float(base_lr)), float(np.finfo(np.float32).max)
+    for boundary, scale in sorted(items.items()):
+        value *= abs(scale)
+        # optax computes 0 * scale * lr before a boundary: a scale or rate beyond float32 makes
+        # every earlier rate NaN, not only the later ones.
+        if max(value, abs(scale)) > largest:
+            raise ValueError(f"the scale {scale:g} at step {boundary} (learning rate {value:.3g}) exceeds float32 "
+                             f"(max {largest:.3g}); use a smaller scale")
+    return optax.piecewise_constant_schedule(base_lr, items or None)
 
 
 def step_decay(base_lr: float, every_steps: int, factor: float = 0.1) -> optax.Schedule:
-    """lr(c) = base_lr * factor ** (c // every_steps): ImageNet's /10 every 30 epochs."""
+    """lr(c) = base_lr * factor ** (c // every_steps): ImageNet's /10 every 30 epochs
+    (`optax.exponential_decay` with `staircase=True`)."""
     if every_steps < 1:
         raise ValueError(f"step decay period must be >= 1 step, got {every_steps}")
-    return lambda count: base_lr * factor ** (jnp.asarray(count) // every_steps)
+    if not factor > 0:  # optax turns a zero rate into a constant schedule
+        raise ValueError(f"step decay factor must be > 0 (0.1 divides by ten), got {factor}")
+    return optax.exponential_decay(base_lr, every_steps, factor, staircase=True)
 
 
 def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0) -> optax.Schedule:

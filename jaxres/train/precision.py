@@ -3,18 +3,19 @@
 Parameters, optimizer state and BatchNorm statistics stay float32 in every mode; only the
 model's compute `dtype` changes (logits are float32). bfloat16 has float32's exponent range
 and needs no loss scaling. float16 underflows small gradients, so its loss is multiplied by
-a dynamic scale (Micikevicius et al. 2018, arXiv 1710.03740): a step whose gradients are
-non-finite is skipped (parameters, optimizer and BN statistics unchanged) and halves the
-scale; `period` finite steps in a row double it.
+a dynamic scale (Micikevicius et al. 2018, arXiv 1710.03740), Flax's `DynamicScale`: a step
+whose gradients are non-finite is skipped (parameters, optimizer and BN statistics unchanged)
+and halves the scale; after `growth_interval` finite steps in a row the next finite one
+doubles it.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax.training.dynamic_scale import DynamicScale
 
-from jaxres.models.layers import pick
+from jaxres.choices import pick
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -27,22 +28,13 @@ def compute_dtype(name: str, platform: str | None = None):
     return dtype
 
 
-class DynamicLossScale(struct.PyTreeNode):
-    """The loss scale and the count of finite steps since it last changed (float32/int32)."""
-
-    scale: jax.Array
-    good_steps: jax.Array
-    period: int = struct.field(pytree_node=False, default=2000)
-
-    @classmethod
-    def create(cls, initial: float = 2.0**15, period: int = 2000) -> "DynamicLossScale":
-        return cls(jnp.asarray(initial, jnp.float32), jnp.zeros((), jnp.int32), period)
-
-    def update(self, finite: jax.Array) -> "DynamicLossScale":
-        grown = self.good_steps + 1 >= self.period
-        scale = jnp.where(finite, jnp.where(grown, self.scale * 2, self.scale), jnp.maximum(self.scale / 2, 1.0))
-        good = jnp.where(finite & ~grown, self.good_steps + 1, 0)
-        return self.replace(scale=scale, good_steps=good.astype(jnp.int32))
+def dynamic_loss_scale(initial: float = 2.0**15, growth_interval: int = 2000) -> DynamicScale:
+    """Flax's `DynamicScale` starting at `initial`, never below 1, with array fields (float32
+    scale, int32 count of finite steps) so that checkpoints hold and restore it exactly."""
+    if not initial >= 1:
+        raise ValueError(f"the initial loss scale must be >= 1 (e.g. 2**15), got {initial}")
+    return DynamicScale(growth_interval=growth_interval, fin_steps=jnp.zeros((), jnp.int32),
+                        scale=jnp.asarray(initial, jnp.float32), minimum_scale=1.0)
 
 
 def all_finite(tree) -> jax.Array:

@@ -10,7 +10,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from jaxres.models import stack_identical_units
+from jaxres.models.scan_layout import training_layout
 
 
 class TrainState(train_state.TrainState):
@@ -20,7 +20,7 @@ class TrainState(train_state.TrainState):
     - `rng`: the run's base PRNG key (uint32 (2,)); step k uses fold_in(rng, k), so no RNG
       state evolves and a resumed run draws the same dropout masks;
     - `model`: the Flax module (static), so the step can re-bind BatchNorm to a mapped axis;
-    - `loss_scale`: a `precision.DynamicLossScale` for float16 compute, else None.
+    - `loss_scale`: a flax `DynamicScale` (`precision.dynamic_loss_scale`) for float16, else None.
     """
 
     batch_stats: Any = None
@@ -37,21 +37,21 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...], loss_scale=None) -> TrainState:
     """Initializes `model` on a zero batch of `input_shape` (N, H, W, C) and wraps it with
     the optimizer `tx`. `rng` (a raw uint32 key) seeds the parameters and, folded, dropout.
-    `loss_scale` (a precision.DynamicLossScale) turns on dynamic loss scaling (float16).
+    `loss_scale` (`precision.dynamic_loss_scale()`) turns on dynamic loss scaling (float16).
     A `scan_units=True` model's variables are kept in the stacked layout
-    (`jaxres.models.stack_identical_units`)."""
+    (`jaxres.models.scan_layout.training_layout`)."""
     init_rng, run_rng = jax.random.split(rng)
 
     def init(key):
         variables = model.init(key, jnp.zeros(input_shape, jnp.float32), False)
         # scan_units models train on the stacked layout: a few arrays per run of identical
         # blocks instead of one per block keeps deep nets' steps quick to compile.
-        return stack_identical_units(model, variables) if getattr(model, "scan_units", False) else variables
+        return training_layout(model, variables)
 
     # Init builds every block on its own (scan_units only scans the training passes); XLA
     # needs minutes to compile that for a 1,000-block net (cifar_resnet1202: 4.6 min), while
     # running it op by op takes seconds (9 s).
-    deep = getattr(model, "scan_units", False)
+    deep = model.scan_units
     variables = init(init_rng) if deep else jax.jit(init)(init_rng)
     return TrainState.create(
         apply_fn=model.apply,
@@ -64,6 +64,14 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
     ).replace(step=jnp.zeros((), jnp.int32))  # an array, so checkpoints restore it exactly
 
 
+def abstract_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+                         input_shape: tuple[int, ...], loss_scale=None) -> TrainState:
+    """`create_train_state`'s result as shapes and dtypes only (jax.ShapeDtypeStruct leaves),
+    traced by `jax.eval_shape` without compiling or running `init`: the target a checkpoint
+    restores into."""
+    return jax.eval_shape(lambda key: create_train_state(model, tx, key, input_shape, loss_scale), rng)
+
+
 def checkpoint_tree(state: TrainState) -> dict:
     """The arrays a checkpoint holds (static fields are rebuilt from the config)."""
     tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
@@ -71,7 +79,3 @@ def checkpoint_tree(state: TrainState) -> dict:
     if state.loss_scale is not None:
         tree["loss_scale"] = state.loss_scale
     return tree
-
-
-def from_checkpoint_tree(state: TrainState, tree: dict) -> TrainState:
-    return state.replace(**tree)

@@ -45,31 +45,31 @@ def train_step(state: TrainState, batch: dict, *, axis_name: str | None = None,
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-    scale = state.loss_scale.scale if state.loss_scale is not None else None
 
     def loss_fn(params):
         variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
         logits, updates = model.apply(variables, batch["image"], True, mutable=["batch_stats"], rngs={"dropout": rng})
-        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return (loss if scale is None else loss * scale), (loss, logits, updates)
+        return cross_entropy(logits, batch["label"], label_smoothing).mean(), (logits, updates)
 
-    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if scale is not None:
-        grads = jax.tree.map(lambda g: g / scale, grads)
+    if state.loss_scale is None:
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads = lax.pmean(grads, axis_name)
+    else:
+        # float16: the loss scaled, the gradients unscaled and averaged over the axis (before
+        # the finiteness test, so that every device agrees on skipping the step).
+        loss_scale, finite, (loss, (logits, updates)), grads = state.loss_scale.value_and_grad(
+            loss_fn, has_aux=True, axis_name=axis_name)(state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
     if axis_name is not None:
-        grads = lax.pmean(grads, axis_name)
         metrics = lax.pmean(metrics, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    if scale is not None:
-        # float16: a step with overflowing gradients is skipped (after the pmean, so every
-        # device agrees) and only moves the step counter and the loss scale.
-        finite = precision.all_finite(grads)
+    if state.loss_scale is not None:
+        # A step with overflowing gradients is skipped: only the step counter and the scale move.
         kept = precision.select_tree(finite, (new_state.params, new_state.opt_state, new_state.batch_stats),
                                      (state.params, state.opt_state, state.batch_stats))
-        new_state = new_state.replace(params=kept[0], opt_state=kept[1], batch_stats=kept[2],
-                                      loss_scale=state.loss_scale.update(finite))
+        new_state = new_state.replace(params=kept[0], opt_state=kept[1], batch_stats=kept[2], loss_scale=loss_scale)
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         metrics["loss_scale"] = state.loss_scale.scale
     return new_state, metrics
