@@ -126,3 +126,118 @@ def test_confidence_intervals_cover_the_exact_value_about_95_percent():
         hits = [(fn(f, h, num_probes=probes, seed=s)["ci_low"][0] <= exact <= fn(f, h, num_probes=probes, seed=s)["ci_high"][0])
                 for s in range(200)]
         assert 0.88 <= np.mean(hits) <= 0.99, (fn.__name__, np.mean(hits))
+
+
+# ---- jaxres.analysis.theory: mean-field predictions, checked against independent references
+
+from scipy import integrate  # noqa: E402
+
+from jaxres.analysis import theory  # noqa: E402
+
+
+def _normal_expectation(f):
+    return integrate.quad(lambda z: f(z) * np.exp(-z * z / 2) / np.sqrt(2 * np.pi), -np.inf, np.inf)[0]
+
+
+def test_tanh_chi1_at_he_variance_solves_the_fixed_point():
+    """Poole et al. 2016: q* = 2 E[tanh(sqrt(q*) z)^2], chi_1 = 2 E[tanh'(sqrt(q*) z)^2]; the
+    issue quotes chi_1 ~ 1.106 at sigma_w^2 = 2. Reference: scipy quad, not Gauss-Hermite."""
+    q, chi = theory.fixed_point_chi("tanh", 2.0)
+    assert q == pytest.approx(2 * _normal_expectation(lambda z: np.tanh(np.sqrt(q) * z) ** 2), rel=1e-9)
+    assert chi == pytest.approx(2 * _normal_expectation(lambda z: (1 - np.tanh(np.sqrt(q) * z) ** 2) ** 2), rel=1e-9)
+    assert chi == pytest.approx(1.1055, abs=5e-4)
+
+
+def test_bn_large_batch_rate_is_pi_over_pi_minus_one_for_relu_and_the_moment_ratio_otherwise():
+    assert theory.bn_layer_chi("relu") == (pytest.approx(np.pi / (np.pi - 1)), 0.0)
+    mean = _normal_expectation(np.tanh)
+    var = _normal_expectation(lambda z: np.tanh(z) ** 2) - mean**2
+    expected = _normal_expectation(lambda z: (1 - np.tanh(z) ** 2) ** 2) / var
+    assert theory.bn_layer_chi_large_batch("tanh") == pytest.approx(expected, rel=1e-9)
+
+
+def test_finite_batch_bn_rate_falls_with_the_batch_towards_the_large_batch_limit():
+    """Yang et al. 2019: the explosion is faster at small batches and tends to pi / (pi - 1)."""
+    rates = [theory.bn_layer_chi("relu", b, samples=4096)[0] for b in (4, 8, 32, 256)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[0] > 2.5
+    assert rates[-1] == pytest.approx(np.pi / (np.pi - 1), rel=0.01)
+
+
+def test_finite_batch_bn_rate_matches_a_wide_mlp_twin():
+    """The whole gradient ||d z_i / d h|| of a 512-wide BN-ReLU MLP at batch 16 grows per layer
+    (squared) at the Monte-Carlo mean-field rate chi(16) = 1.59, not at pi / (pi - 1) = 1.467."""
+    measured = theory.mlp_twin_rates(activation="relu", norm="batchnorm", width=512, batch=16, depth=16,
+                                     skip=4, quantity="total")["rate"] ** 2
+    assert measured == pytest.approx(theory.bn_layer_chi("relu", 16)[0], rel=0.03)
+
+
+def test_he_relu_and_residual_mlp_twins_match_their_predictions():
+    plain = theory.mlp_twin_rates(activation="relu", norm="none", width=512, depth=12)["rate"]
+    assert plain == pytest.approx(1.0, rel=0.02)  # per layer, in norm
+    post = theory.predict_unit_rate(norm="none", activation="relu", residual=True)
+    assert post.rate == pytest.approx(1.399, abs=2e-3)
+    measured = theory.mlp_twin_rates(activation="relu", norm="none", residual=True, width=512, depth=12)["rate"]
+    assert post.accepts(measured)
+    pre = theory.predict_unit_rate(norm="none", activation="relu", residual=True, preactivation=True)
+    assert pre.rate == pytest.approx(np.sqrt(2))
+
+
+def test_border_factors_are_the_valid_tap_fraction_and_the_leading_eigenvalue():
+    """First layer from a uniform gradient: (1 - 2 / (3H))^2, the issue's 0.98 / 0.96 / 0.92 in
+    norm; deep in a stage: the leading eigenvalue of (A / 3) (x) (A / 3), A tridiagonal ones."""
+    for side, first_norm in ((32, 0.98), (16, 0.96), (8, 0.92)):
+        assert np.sqrt(theory.border_factor(side, stationary=False)) == pytest.approx(first_norm, abs=0.005)
+        a = np.eye(side) + np.eye(side, k=1) + np.eye(side, k=-1)
+        assert theory.border_factor(side) == pytest.approx((np.linalg.eigvalsh(a).max() / 3) ** 2, rel=1e-12)
+    assert theory.border_factor(None) == 1.0
+
+
+def test_predictions_cover_the_issue_cases_and_return_none_without_theory():
+    bn = theory.predict_unit_rate(norm="batchnorm", activation="relu", residual=False)
+    assert bn.rate == pytest.approx(np.pi / (np.pi - 1)) and "Yang" in bn.source
+    tanh = theory.predict_unit_rate(norm="none", activation="tanh", residual=False)
+    assert tanh.rate == pytest.approx(1.1055, abs=5e-4)
+    he = theory.predict_unit_rate(norm="none", activation="relu", residual=False, spatial=32)
+    assert he.rate == pytest.approx(0.994, abs=1e-3)
+    # BN-eval at initialization is the identity: the no-norm prediction
+    assert theory.predict_unit_rate(norm="batchnorm", bn="eval", activation="relu", residual=False).rate == 1.0
+    assert theory.predict_unit_rate(norm="batchnorm", activation="relu", residual=True) is None
+    assert theory.predict_unit_rate(norm="none", activation="tanh", residual=True) is None
+    trans = theory.predict_transition_factor(norm="none", activation="relu", residual=False)
+    assert trans.rate == pytest.approx(np.sqrt(0.5))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(effective_batch=3), "effective_batch"), (dict(spatial=0), "spatial"),
+    (dict(activation="tanhh"), "tanh"), (dict(layers_per_unit=0), "layers_per_unit"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    args = dict(norm="batchnorm", activation="relu", residual=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        theory.predict_unit_rate(**args)
+
+
+@pytest.fixture(scope="module")
+def wide_tanh_twin():
+    """A one-stage He tanh net without normalization, width 128 on 8x8 maps (borders matter
+    there) - the per-unit rates vary along the stage (forward transient from the stem, border
+    profile from the head) and the spatial mean field must follow them."""
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    model = ResNet(stage_sizes=(5,), widths=(128,), stem="cifar", residual=False, activation="tanh", norm="none",
+                   num_classes=10)
+    variables = model.init(jax.random.key(1), x[:1])
+    segments = SegmentCache().segments(model, variables, x.shape, "eval", x.dtype)
+    res = end_to_end_norms(model, variables, x, jnp.zeros(4, jnp.int32))
+    measured = np.array([np.median(res["units"][s.name]["input"]["logit_jac"]) for s in segments])
+    predicted = theory.mean_field_unit_norms([(s.in_shape, s.out_shape) for s in segments], norm="none",
+                                             activation="tanh", residual=False)
+    return measured[:-1] / measured[-1], predicted
+
+
+def test_spatial_mean_field_follows_a_wide_tanh_twin_unit_by_unit(wide_tanh_twin):
+    measured, predicted = wide_tanh_twin
+    rates_m = measured[1:] / np.append(measured[2:], 1.0)
+    rates_p = predicted[1:] / np.append(predicted[2:], 1.0)
+    np.testing.assert_allclose(rates_m, rates_p, rtol=0.04)
+    assert rates_p[0] > 1.3 > 1.1 > rates_p[-1]  # forward transient near the stem, borders near the head
