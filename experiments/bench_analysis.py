@@ -1,4 +1,4 @@
-"""Benchmarks of jaxres.analysis (issue 3, Performance): time and peak memory of
+"""Benchmarks of jaxres.analysis: time and peak memory of
 
 1. exact end-to-end norms over all units of cifar_resnet56 (segmented chain of per-unit VJPs
    and one whole-model VJP), against one training step (forward + backward + SGD update,
@@ -68,10 +68,13 @@ def case(name: str, batch_size: int, repeats: int, chunk: int) -> dict:
     elif name.startswith("e2e_"):
         bn = name.split("_")[-1]
         if "whole" in name:
-            fn = lambda: end_to_end_norms_whole(model, variables, x, labels, bn=bn)  # noqa: E731
+            # the C summed rows (the training step's cost scale); per-example blocks of a batch
+            # map take N*C rows
+            fn = lambda: end_to_end_norms_whole(model, variables, x, labels, bn=bn, per_example_blocks=False)  # noqa: E731
         else:
             cache = SegmentCache()
-            fn = lambda: end_to_end_norms(model, variables, x, labels, bn=bn, cache=cache)  # noqa: E731
+            fn = lambda: end_to_end_norms(model, variables, x, labels, bn=bn, cache=cache,  # noqa: E731
+                                          per_example_blocks=False)
         result.update(_timed(fn, repeats))
     else:
         cache = SegmentCache()

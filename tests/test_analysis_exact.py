@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxres.analysis import estimators, unit_groups, unit_jacobian
-from jaxres.analysis.endtoend import end_to_end_norms, end_to_end_norms_whole
+from jaxres.analysis.endtoend import end_to_end, end_to_end_norms, end_to_end_norms_whole
 from jaxres.analysis.forward_stats import forward_statistics
 from jaxres.analysis.segments import SegmentCache, find_segment
 from jaxres.models import ResNet
@@ -44,7 +44,7 @@ def test_segmented_chain_equals_one_whole_model_vjp(tiny, e2e, bn):
     model, variables, x, labels = tiny
     whole = end_to_end_norms_whole(model, variables, x, labels, bn=bn)
     for unit, entry in whole["units"].items():
-        for key in ("logit_jac", "loss_grad"):
+        for key in ("logit_jac", "logit_jac_summed_rows", "loss_grad"):
             np.testing.assert_allclose(e2e[bn]["units"][unit]["input"][key], entry["input"][key], rtol=RTOL)
             for probe, value in entry["probes"].items():
                 np.testing.assert_allclose(e2e[bn]["units"][unit]["probes"][probe][key], value[key], rtol=RTOL)
@@ -215,8 +215,8 @@ def twin_units():
     model = ResNet(stage_sizes=(2,), widths=(4,), stem="cifar", norm="none", num_classes=3)
     x = jax.random.normal(jax.random.key(4), (2, 4, 4, 3))
     variables = model.init(jax.random.key(5), x)
-    res = end_to_end_norms(model, variables, x, jnp.array([0, 2]), cache=SegmentCache(), return_activations=True)
-    segs, hs = res["segments"], res["activations"]
+    segs = SegmentCache().segments(model, variables, x.shape)
+    hs = end_to_end(segs, x, jnp.array([0, 2])).activations
     assert segs[1].ops is segs[2].ops  # identical jaxprs share one compiled computation
     return model, variables, [(segs[1], hs[1]), (segs[2], hs[2])]
 
@@ -226,12 +226,9 @@ def test_grouped_unit_measurements_equal_jacrev_per_unit(twin_units):
     (tol 1e-6 -> rtol 1e-5); Hutchinson (64 probes) within 5 standard errors of the exact
     ||J||_F^2; the identity/branch split near ||J_F||_F and ||I + J_F||_F from jacrev of the
     last layer probe (64 Rademacher probes: rtol 0.15 on the norm)."""
-    from jaxres.analysis.study import StudyConfig
-
     model, variables, items = twin_units
-    config = StudyConfig(models=("cifar_resnet20",), depths=(20,), method="estimate", num_probes=64, tol=1e-6,
-                         max_iter=64, jacobian_examples=2)
-    results = unit_groups.measure_group(items, [True, True], "eval", config, seed=0)
+    options = unit_groups.JacobianOptions(method="estimate", num_probes=64, tol=1e-6, max_iter=64, examples=2)
+    results = unit_groups.measure_group(items, [True, True], "eval", options, seed=0)
     for (seg, h), result, unit in zip(items, results, ("unit_1", "unit_2")):
         for i in range(2):
             f = lambda hi: model.apply(variables, hi[None], start=unit, stop=unit)[0]  # noqa: E731
@@ -240,13 +237,122 @@ def test_grouped_unit_measurements_equal_jacrev_per_unit(twin_units):
             assert result["spectral_norm"]["sigma"][i] == pytest.approx(sv[0], rel=1e-5)
             fro = result["frobenius_sq"]
             assert abs(fro["estimate"][i] - np.sum(sv**2)) < 5 * fro["std_err"][i]
-            assert result["mean_sq_singular_value"][i] == pytest.approx(fro["estimate"][i] / 64)
+            assert result["mean_sq_singular_value"]["estimate"][i] == pytest.approx(fro["estimate"][i] / 64)
 
             def branch(hi):
-                _, state = model.apply(variables, hi[None], start=unit, stop=unit, mutable=["intermediates"])
+                _, state = model.apply(variables, hi[None], start=unit, stop=unit, probes=True,
+                                        mutable=["intermediates"])
                 return state["intermediates"][unit]["layer2"][0][0]
 
             jf = np.asarray(jax.jacrev(branch)(h[i]), np.float64).reshape(64, 64)
             split = result["residual_split"]
             assert split["branch"][i] == pytest.approx(np.linalg.norm(jf), rel=0.15)
             assert split["identity_plus_branch"][i] == pytest.approx(np.linalg.norm(np.eye(64) + jf), rel=0.15)
+
+
+def test_batch_mode_blocks_summed_rows_and_cross_share_equal_jacrev(tiny, e2e):
+    """bn="batch": the per-example blocks d z_i/d h_i, the summed rows sum_j d z_j/d h_i, the
+    end-to-end cross-example share, the blocks' singular values and the gradient scale
+    coefficient, all from jax.jacrev of the whole batch map from unit_1's input to the logits."""
+    model, variables, x, _ = tiny
+    h = e2e["batch"]["activations"][1]
+    f = _from(model, variables, "unit_1", train=True)
+    jac = np.asarray(jax.jit(jax.jacrev(f))(h), np.float64).reshape(3, 5, 3, -1)  # [i, c, j, k]
+    blocks = np.stack([jac[i, :, i] for i in range(3)])  # (N, C, n)
+    entry = e2e["batch"]["units"]["unit_1"]["input"]
+    np.testing.assert_allclose(entry["logit_jac"], np.linalg.norm(blocks.reshape(3, -1), axis=1), rtol=RTOL)
+    summed = jac.sum(0).transpose(1, 0, 2)  # [j, c, k]
+    np.testing.assert_allclose(entry["logit_jac_summed_rows"], np.linalg.norm(summed.reshape(3, -1), axis=1),
+                               rtol=RTOL)
+    assert entry["cross_example_share"] == pytest.approx(1 - np.sum(blocks**2) / np.sum(jac**2), abs=1e-5)
+    assert 0.01 < entry["cross_example_share"] < 0.99  # batch statistics couple the examples end to end
+    svd = np.stack([np.linalg.svd(blocks[i], compute_uv=False) for i in range(3)])
+    np.testing.assert_allclose(entry["singular_values"], svd, rtol=RTOL, atol=1e-6)
+    z = np.linalg.norm(np.asarray(f(h), np.float64), axis=1)
+    hn = np.linalg.norm(np.asarray(h, np.float64).reshape(3, -1), axis=1)
+    gsc = np.linalg.norm(blocks.reshape(3, -1), axis=1) / np.sqrt(blocks.shape[-1]) * hn / z
+    np.testing.assert_allclose(entry["gradient_scale"], gsc, rtol=RTOL)
+
+
+def test_gradient_scale_is_invariant_to_rescaling_the_activations():
+    """Philipp et al.'s GSC: scaling h by a scales d z/d h by 1/a and ||h|| by a."""
+    from jaxres.analysis.endtoend import gradient_scale
+
+    jac, h, logits = np.array([2.0, 3.0]), np.ones((2, 4)), np.ones((2, 5))
+    np.testing.assert_allclose(gradient_scale(jac / 10, h * 10, logits), gradient_scale(jac, h, logits))
+    # an identity map (h = z, d z/d h = I, ||I||_F = sqrt(n)) has GSC 1
+    np.testing.assert_allclose(gradient_scale(np.full(2, 2.0), np.ones((2, 4)), np.ones((2, 4))), [1.0, 1.0])
+
+
+def test_calibrated_running_statistics_make_eval_mode_compute_the_batch_forward_pass(tiny):
+    """At initialization Flax's running statistics are 0 and 1 (eval BN = identity); the study
+    calibrates them to the inputs' batch statistics: eval-mode logits then equal batch-mode ones,
+    and the statistics are those Flax's own momentum update moves towards."""
+    from jaxres.analysis.study import calibrate_batch_stats
+
+    model, variables, x, _ = tiny
+    calibrated = calibrate_batch_stats(model, variables, x)
+    batch_logits, state = model.apply(variables, x, True, mutable=["batch_stats"])
+    np.testing.assert_allclose(model.apply(calibrated, x, False), batch_logits, rtol=1e-4, atol=1e-5)
+    zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    _, from_zero = model.apply({**variables, "batch_stats": zero}, x, True, mutable=["batch_stats"])
+    expected = jax.tree.map(lambda s: s / (1 - model.bn_momentum), from_zero["batch_stats"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), calibrated["batch_stats"],
+                 expected)
+
+
+def test_float64_end_to_end_agrees_with_float32_and_stays_float64(tiny, e2e):
+    model, variables, x, labels = tiny
+    with jax.enable_x64(True):
+        model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        segments = SegmentCache().segments(model64, v64, x.shape, "batch", jnp.float64)
+        result = end_to_end(segments, jnp.asarray(x, jnp.float64), labels)
+        assert result.activations[2].dtype == jnp.float64 and result.input_grads.dtype == np.float64
+    for unit, entry in result.units.items():
+        np.testing.assert_allclose(entry["input"]["logit_jac"], e2e["batch"]["units"][unit]["input"]["logit_jac"],
+                                   rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_stages():
+    """Stem, unit_1/unit_2 keep the 6x6x4 shape, unit_3 opens stage 2 (3x3x6), unit_4 keeps it."""
+    model = ResNet(stage_sizes=(2, 2), widths=(4, 6), stem="cifar", shortcut="A", num_classes=5)
+    x = jnp.zeros((2, 6, 6, 3))
+    return SegmentCache().segments(model, model.init(jax.random.key(0), x), x.shape)
+
+
+def test_units_are_sorted_into_stages_from_their_shapes_and_sampled_per_stage(two_stages):
+    from jaxres.analysis.stages import sample_units, unit_places
+
+    places = unit_places(two_stages)
+    assert [(p.name, p.kind, p.stage) for p in places] == [
+        ("stem", "stem", None), ("unit_1", "shape-keeping", 1), ("unit_2", "shape-keeping", 1),
+        ("unit_3", "transition", 2), ("unit_4", "shape-keeping", 2), ("head", "head", None)]
+    assert sample_units(places, 1) == [2, 4]  # the middle shape-keeping unit of each stage
+    assert sample_units(places, 2) == [1, 2, 4]  # stage 2 has one
+    assert sample_units(places, 0) == list(range(6))
+
+
+def test_stage_rates_are_geometric_means_over_shape_keeping_units_only(two_stages):
+    """Norms at the inputs of stem, unit_1 .. unit_4 and the head: stage 1's rate is the
+    geometric mean of n1/n2 and n2/n3 = sqrt(n1/n3); the transition unit_3 is n3/n4 alone."""
+    from jaxres.analysis.stages import stage_rates, unit_places
+
+    norms = [np.array([v, 2 * v]) for v in (50.0, 36.0, 9.0, 4.0, 2.0, 1.0)]
+    rates = stage_rates(unit_places(two_stages), norms)
+    assert [s["units"] for s in rates["stages"]] == [["unit_1", "unit_2"], ["unit_4"]]
+    assert [s["rate"] for s in rates["stages"]] == pytest.approx([np.sqrt(36 / 4), 2.0])
+    assert [(t["unit"], t["rate"]) for t in rates["transitions"]] == [("unit_3", pytest.approx(2.0))]
+
+
+def test_twins_initialized_on_their_own_share_their_weights():
+    """The study initializes every model on its own; Flax derives each parameter's key from its
+    path, so a plain net, its residual twin and either activation start from the same weights."""
+    from jaxres.models.registry import create_model
+
+    x = jnp.zeros((1, 32, 32, 3))
+    residual = create_model("cifar_resnet20").init(jax.random.key(0), x)
+    plain = create_model("cifar_plain20", activation="tanh").init(jax.random.key(0), x)
+    assert jax.tree.structure(plain) == jax.tree.structure(residual)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(residual)))

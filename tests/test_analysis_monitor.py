@@ -64,7 +64,7 @@ def test_record_is_end_to_end_norms(setup, measured, bn, residual):
     for unit, entry in e2e["units"].items():
         # ||dL/dh|| over the whole batch = sqrt of the sum of the per-example squares
         assert record["dL_dh"][unit] == pytest.approx(np.linalg.norm(entry["input"]["loss_grad"]), rel=1e-6)
-        jac = entry["input"]["logit_jac"]
+        jac = entry["input"]["logit_jac_summed_rows"]
         assert record["dlogits_dh"][unit] == pytest.approx(
             {"median": np.median(jac), "q10": np.quantile(jac, 0.1), "q90": np.quantile(jac, 0.9)}, rel=1e-6)
         for path, grad in entry["param_grad"].items():

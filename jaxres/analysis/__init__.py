@@ -5,13 +5,14 @@ interface (`model.apply(v, h, start=u, stop=u)`) and the layer probes; see READM
 "Gradient-propagation analysis" and `jaxres analyze`.
 """
 
-from jaxres.analysis.endtoend import end_to_end_norms, end_to_end_norms_whole
+from jaxres.analysis.endtoend import end_to_end, end_to_end_norms, end_to_end_norms_whole
 from jaxres.analysis.estimators import confidence_interval, frobenius_sq_hutchinson, frobenius_sq_hutchpp
 from jaxres.analysis.forward_stats import forward_statistics
 from jaxres.analysis.monitor import TrainingMonitor, read_analysis
 from jaxres.analysis.segments import SegmentCache, find_segment
 from jaxres.analysis.shattered import arc_inputs, gradient_correlations
-from jaxres.analysis.study import Setting, StudyConfig, run_study
+from jaxres.analysis.study import StudyResults, run_study
+from jaxres.analysis.study_config import Setting, StudyConfig
 from jaxres.analysis.unit_jacobian import (
     frobenius_sq_exact,
     jacobian_matrix,
@@ -22,8 +23,8 @@ from jaxres.analysis.unit_jacobian import (
 )
 
 __all__ = [
-    "SegmentCache", "Setting", "StudyConfig", "TrainingMonitor", "arc_inputs", "confidence_interval",
-    "end_to_end_norms", "end_to_end_norms_whole", "find_segment", "forward_statistics", "frobenius_sq_exact",
+    "SegmentCache", "Setting", "StudyConfig", "StudyResults", "TrainingMonitor", "arc_inputs",
+    "confidence_interval", "end_to_end", "end_to_end_norms", "end_to_end_norms_whole", "find_segment", "forward_statistics", "frobenius_sq_exact",
     "frobenius_sq_hutchinson", "frobenius_sq_hutchpp", "gradient_correlations", "jacobian_matrix",
     "jacobian_products", "read_analysis", "run_study", "singular_values_exact", "spectral_norm_lanczos",
     "spectral_norm_power",

@@ -47,7 +47,7 @@ def forward_statistics(model, variables, x, bn: str = "eval") -> dict:
     train = check_bn(bn)
     mutable = ["intermediates"] + (["batch_stats"] if train and "batch_stats" in variables else [])
     rngs = {"dropout": jax.random.key(0)} if train else None
-    _, state = model.apply(variables, x, train, mutable=mutable, rngs=rngs)
+    _, state = model.apply(variables, x, train, probes=True, mutable=mutable, rngs=rngs)
     stats = {}
     for unit in model.unit_names():
         sown = state["intermediates"].get(unit, {})

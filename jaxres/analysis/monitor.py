@@ -1,4 +1,4 @@
-"""Gradient propagation measured during training, on a fixed probe batch (issue 12).
+"""Gradient propagation measured during training, on a fixed probe batch.
 
 `TrainingMonitor(model, images, labels, workdir=...)` measures a model at a given step with
 the library's exact routines (`end_to_end_norms`, and with `unit_jacobians > 0` the grouped
@@ -14,12 +14,13 @@ N examples; h: the input of a unit, the image for `stem`):
   first one including compilation; file and TensorBoard writes excluded), `loss` (L);
 - `units`: `model.unit_names()`, in order;
 - `dL_dh[unit]`: ||dL/dh|| over the whole batch tensor h (N, ...), = sqrt(sum_i ||dL/dh_i||^2)
-  from `end_to_end_norms`' per-example `loss_grad` (which includes the 1/N of the mean). With
+  from `end_to_end`'s per-example `loss_grad` (which includes the 1/N of the mean). With
   bn="batch" it is the exact gradient of the batch loss, cross-example BN terms included;
-- `dlogits_dh[unit]`: `{"median", "q10", "q90"}` over examples i of `logit_jac`, i.e.
-  ||d z_i / d h_i||_F (bn="eval", exact). With bn="batch" example i's value is
-  ||sum_j d z_j / d h_i||_F (C rows: class c's cotangent e_c on every example), which adds the
-  small cross-example terms of batch statistics;
+- `dlogits_dh[unit]`: `{"median", "q10", "q90"}` over examples i of `logit_jac_summed_rows`,
+  ||sum_j d z_j / d h_i||_F (C rows: class c's cotangent e_c on every example), exact. With
+  bn="eval" that is the per-example ||d z_i / d h_i||_F; with bn="batch" it adds the
+  cross-example terms of batch statistics (the per-example blocks would cost N*C backward
+  rows instead of C: `jaxres analyze` measures them on its small batch);
 - `dL_dW[path]`: ||dL/dW|| of every kernel, `path` = "unit/layer/kernel" as in
   `variables["params"]`; `dL_dW_rel[path]` = ||dL/dW|| / ||W|| (Frobenius norms);
 - `response_std["unit/layerK"]`: the std over all N*H*W*C elements of each layer probe's
@@ -27,11 +28,11 @@ N examples; h: the input of a unit, the image for `stem`):
   Fig. 7), in forward order (units, then layer1, layer2, ...); `forward_statistics` to
   float32 rounding (the unit chain's values, not one whole-model pass);
 - only with `unit_jacobians > 0`, `unit_jacobian[unit]` for that many evenly spaced inner
-  units (`study.jacobian_unit_indices`): `frobenius_sq` = ||J||_F^2 of J = d unit(h) / d h
+  units (`evenly_spaced_inner_units`): `frobenius_sq` = ||J||_F^2 of J = d unit(h) / d h
   (bn="eval": example 0's per-example Jacobian; bn="batch": the whole batch map,
   (N n_out) x (N n_in)), `exact` (True: basis JVP/VJPs; False: Hutchinson with 8 probes, used
   when a unit needs > 256 of them), `sigma_max` = the largest singular value of the same J by
-  Lanczos to a relative Ritz residual of 1e-2 (<= 32 steps) - settings of `StudyConfig()`.
+  Lanczos to a relative Ritz residual of 1e-2 (<= 32 steps) - `unit_groups.JacobianOptions()`.
 
 Non-finite numbers are written as the strings "nan", "inf", "-inf" (as `metrics.jsonl`
 does; `float(value)` reads both forms back), so every line is strict JSON.
@@ -55,10 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres.analysis.endtoend import check_labels, end_to_end_norms
+from jaxres.analysis.endtoend import check_labels, end_to_end
 from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
-from jaxres.analysis.study import StudyConfig, jacobian_unit_indices
-from jaxres.analysis.unit_groups import measure_group
+from jaxres.analysis.unit_groups import JacobianOptions, measure_group
 from jaxres.models.scan_layout import is_stacked
 from jaxres.files import JsonlAppender, read_jsonl, write_text_atomic
 from jaxres.workdir import Workdir
@@ -165,6 +165,15 @@ class ReusedSegments(SegmentCache):
         return [dataclasses.replace(s, cvars=unit_variables(variables, s.name)) for s in self._traced[key]]
 
 
+def evenly_spaced_inner_units(num_units: int, count: int) -> list[int]:
+    """`count` evenly spaced unit indices among the inner units (stem and head excluded), or
+    all of them."""
+    inner = list(range(1, num_units - 1))
+    if count >= len(inner):
+        return inner
+    return sorted({inner[round(i * (len(inner) - 1) / (count - 1))] for i in range(count)}) if count > 1 else inner[:1]
+
+
 def _kernel_norm(params: dict, path: str) -> float:
     node = params
     for key in path.split("/"):
@@ -172,15 +181,15 @@ def _kernel_norm(params: dict, path: str) -> float:
     return float(np.linalg.norm(np.asarray(node, np.float64)))
 
 
-def _record(step: int, bn: str, n: int, e2e: dict, params: dict) -> dict:
-    """The record fields derived from `end_to_end_norms` (see the module docstring)."""
-    units = list(e2e["units"])
-    record = {"step": step, "bn": bn, "probe_size": n, "time_s": None, "loss": e2e["loss"], "units": units,
+def _record(step: int, bn: str, n: int, e2e_units: dict, loss: float, params: dict) -> dict:
+    """The record fields derived from `endtoend.end_to_end` (see the module docstring)."""
+    record = {"step": step, "bn": bn, "probe_size": n, "time_s": None, "loss": loss, "units": list(e2e_units),
               "dL_dh": {}, "dlogits_dh": {}, "dL_dW": {}, "dL_dW_rel": {}, "response_std": {}}
-    for unit, entry in e2e["units"].items():
+    for unit, entry in e2e_units.items():
         loss_grad = np.asarray(entry["input"]["loss_grad"], np.float64)
         record["dL_dh"][unit] = float(np.sqrt(np.sum(np.square(loss_grad))))
-        q10, median, q90 = np.quantile(np.asarray(entry["input"]["logit_jac"], np.float64), [0.1, 0.5, 0.9])
+        summed_rows = np.asarray(entry["input"]["logit_jac_summed_rows"], np.float64)
+        q10, median, q90 = np.quantile(summed_rows, [0.1, 0.5, 0.9])
         record["dlogits_dh"][unit] = {"median": float(median), "q10": float(q10), "q90": float(q90)}
         for path, grad in entry["param_grad"].items():
             full = f"{unit}/{path}"
@@ -218,7 +227,7 @@ class TrainingMonitor:
             raise ValueError(f"unit_jacobians must be an integer >= 0 (0: none), got {unit_jacobians!r}")
         resume_step = None if resume_step is None else check_step(resume_step, "resume_step (None: a new run)")
         self.unit_jacobians = unit_jacobians
-        self.jacobian_config = StudyConfig(jacobian_units=unit_jacobians)
+        self.jacobian_options = JacobianOptions()
         self.workdir = Workdir(workdir, create=True)  # OSError naming the fix when it cannot be written
         self.path = self.workdir.analysis_path
         try:
@@ -259,28 +268,27 @@ class TrainingMonitor:
 
     def _measure_one(self, step: int, bn: str, variables: dict) -> dict:
         start = time.perf_counter()
-        e2e = end_to_end_norms(self.model, variables, self.images, self.labels, bn=bn, cache=self.cache,
-                               return_activations=self.unit_jacobians > 0)
-        record = _record(step, bn, int(self.images.shape[0]), e2e, variables["params"])
+        segments = self.cache.segments(self.model, variables, self.images.shape, bn, self.images.dtype)
+        # summed rows only: the per-example blocks of a batch map cost N*C backward rows
+        e2e = end_to_end(segments, self.images, self.labels, per_example_blocks=False)
+        record = _record(step, bn, int(self.images.shape[0]), e2e.units, e2e.loss, variables["params"])
         if self.unit_jacobians:
-            record["unit_jacobian"] = self._unit_jacobians(e2e, bn)
+            record["unit_jacobian"] = self._unit_jacobians(segments, e2e.activations, bn)
         record["time_s"] = time.perf_counter() - start
         return record
 
-    def _unit_jacobians(self, e2e: dict, bn: str) -> dict:
+    def _unit_jacobians(self, segments: list, hs: list, bn: str) -> dict:
         """Per-unit ||J||_F^2 and sigma_max on the sampled inner units, grouped by computation
         (one vmapped op per group, as `jaxres analyze` does); fixed seeds, so the Hutchinson
         probes and Lanczos starts are the same at every step."""
-        segments, hs = e2e["segments"], e2e["activations"]
-        inner = range(1, len(segments) - 1)
-        picked = sorted(i for i in jacobian_unit_indices(len(segments), self.unit_jacobians) if i in inner)
+        picked = evenly_spaced_inner_units(len(segments), self.unit_jacobians)
         groups: dict[int, list[int]] = {}
         for i in picked:
             groups.setdefault(id(segments[i].ops), []).append(i)
         out = {}
         for g, members in enumerate(groups.values()):
             results = measure_group([(segments[i], hs[i]) for i in members], [False] * len(members), bn,
-                                    self.jacobian_config, self.jacobian_config.seed + g)
+                                    self.jacobian_options, g)
             for i, result in zip(members, results):
                 fro = result["frobenius_sq"]
                 out[segments[i].name] = {"frobenius_sq": float(np.ravel(fro["estimate"])[0]),

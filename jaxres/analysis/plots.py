@@ -29,9 +29,33 @@ def _label(setting: dict) -> str:
 
 def _by_setting(results):
     groups = defaultdict(list)
-    for run in results["runs"]:
-        groups[tuple(sorted(run["setting"].items()))].append(run)
+    for measurement in results["measurements"]:
+        groups[tuple(sorted(measurement["setting"].items()))].append(measurement)
     return groups
+
+
+def _style(measurement) -> str:
+    """Line style: dashed plain, solid residual (post-activation), dash-dot pre-activation."""
+    if not measurement["residual"]:
+        return "--"
+    return "-." if "preact" in measurement["family"] else "-"
+
+
+def _theory_line(ax, measurement, values, colour) -> bool:
+    """Dotted: each stage's predicted rate, drawn from the measured norm at the stage's end
+    back over its shape-keeping units; False when no stage has a prediction."""
+    drawn = False
+    index = {u["name"]: i for i, u in enumerate(measurement["units"])}
+    for stage in measurement["summary"]["stages"]:
+        theory = stage.get("theory")
+        if not theory:
+            continue
+        idx = [index[name] for name in stage["units"]]
+        end = max(idx) + 1  # the input of the unit after the stage's last shape-keeping unit
+        xs = np.arange(min(idx), end + 1)
+        ax.semilogy(xs, values[end] * float(theory["rate"]) ** (end - xs), ls=":", lw=1.2, color=colour)
+        drawn = True
+    return drawn
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -46,25 +70,31 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def plot_norms(results: dict, path, quantity: str = "logit_jac") -> Path:
-    """Median ||d logits / d h_l||_F (or `loss_grad`) vs unit index, log scale; one panel per
-    setting, solid = residual, dashed = plain, one colour per depth."""
+    """Median ||d z_i / d h_i||_F (or `loss_grad`, `gradient_scale`) vs unit index, log scale;
+    one panel per setting, solid = residual, dashed = plain, dash-dot = pre-activation, one
+    colour per depth; dotted: the theory's per-stage rates (`logit_jac`, where predicted)."""
     plt = pyplot()
     groups = _by_setting(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    depths = sorted({run["depth"] for run in results["runs"]})
+    depths = sorted({m["depth"] or 0 for m in results["measurements"]})
     colours = dict(zip(depths, plt.cm.viridis(np.linspace(0.0, 0.85, max(len(depths), 1)))))
-    for ax, (key, runs) in zip(axes[0], groups.items()):
-        for run in runs:
-            values = [u[quantity]["median"] for u in run["units"]]
-            ax.semilogy(range(len(values)), values, ls="-" if run["residual"] else "--",
-                        color=colours[run["depth"]], label=run["model"])
+    theory = False
+    for ax, (key, measurements) in zip(axes[0], groups.items()):
+        for m in measurements:
+            values = np.array([u[quantity]["median"] for u in m["units"]], np.float64)
+            colour = colours[m["depth"] or 0]
+            ax.semilogy(range(len(values)), values, ls=_style(m), color=colour, label=m["model"])
+            if quantity == "logit_jac":
+                theory |= _theory_line(ax, m, values, colour)
         ax.set_title(_label(dict(key)), fontsize=9)
         ax.set_xlabel("unit index (0 = stem input = image)")
         ax.grid(alpha=0.3, which="both")
-    ylabel = {"logit_jac": "median ||d logits / d h_l||_F", "loss_grad": "median ||dL / d h_l||"}[quantity]
+    ylabel = {"logit_jac": "median ||d z_i / d h_i||_F", "loss_grad": "median ||dL / d h_i||",
+              "gradient_scale": "median gradient scale coefficient"}[quantity]
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle("At initialization: solid = residual, dashed = plain", fontsize=10)
+    note = ", dotted = theory's stage rates" if theory else ""
+    fig.suptitle(f"Solid = residual, dashed = plain, dash-dot = pre-activation{note}", fontsize=10)
     return save_figure(fig, Path(path))
 
 
@@ -74,14 +104,12 @@ def plot_spectra(results: dict, path) -> Path:
     plt = pyplot()
     groups = _by_setting(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, (key, runs) in zip(axes[0], groups.items()):
+    for ax, (key, measurements) in zip(axes[0], groups.items()):
         for residual, colour in ((False, "tab:red"), (True, "tab:blue")):
-            sig = [s for run in runs if run["residual"] == residual for u in run["units"]
-                   if u["jacobian"] and u["name"] not in ("stem", "head")
-                   for s in np.ravel(u["jacobian"]["spectral_norm"]["sigma"])]
-            rms = [np.sqrt(m) for run in runs if run["residual"] == residual for u in run["units"]
-                   if u["jacobian"] and u["name"] not in ("stem", "head")
-                   for m in np.ravel(u["jacobian"]["mean_sq_singular_value"])]
+            units = [u for m in measurements if m["residual"] == residual for u in m["units"]
+                     if u["jacobian"] and u["kind"] in ("shape-keeping", "transition")]
+            sig = [s for u in units for s in np.ravel(u["jacobian"]["spectral_norm"]["sigma"])]
+            rms = [np.sqrt(v) for u in units for v in np.ravel(u["jacobian"]["mean_sq_singular_value"]["estimate"])]
             name = "residual" if residual else "plain"
             if sig:
                 ax.hist(sig, bins=20, alpha=0.5, color=colour, label=f"{name}: sigma_max")
@@ -92,12 +120,12 @@ def plot_spectra(results: dict, path) -> Path:
     return save_figure(fig, Path(path))
 
 
-def _spectrum_values(run, source: str) -> list[float]:
+def _spectrum_values(measurement, source: str) -> list[float]:
     if source == "unit":  # exact SVD of a unit's J (opt-in, see StudyConfig.spectrum_max_dim)
-        return [v for u in run["units"] if "spectrum" in u for v in u["spectrum"]["singular_values"]]
-    # d logits / d h at the input of unit_1, each example's values over its largest
+        return [v for u in measurement["units"] if "spectrum" in u for v in u["spectrum"]["singular_values"]]
+    # d z_i / d h_i at the input of unit_1, each example's values over its largest
     values = []
-    for row in run["units"][1]["logit_jac_singular_values"]:
+    for row in measurement["units"][1]["logit_jac_singular_values"]:
         values.extend(np.asarray(row) / max(row[0], 1e-300))
     return values
 
@@ -106,16 +134,16 @@ def plot_exact_spectra(results: dict, path, source: str = "logits") -> Path | No
     """Histograms of exact singular values, plain vs residual, one panel per setting, all
     depths pooled, log-spaced bins; None if the results hold none.
 
-    source="logits": sigma_i / sigma_1 of d logits / d h at unit_1's input (C values per
+    source="logits": sigma_i / sigma_1 of d z_i / d h_i at unit_1's input (C values per
     example; 1 everywhere would be isometry). source="unit": the exact spectra of unit
     Jacobians (`unit_groups.exact_spectrum`, opt-in)."""
     groups = _by_setting(results)
-    if not any(_spectrum_values(run, source) for runs in groups.values() for run in runs):
+    if not any(_spectrum_values(m, source) for ms in groups.values() for m in ms):
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, (key, runs) in zip(axes[0], groups.items()):
-        values = {residual: [v for run in runs if run["residual"] == residual for v in _spectrum_values(run, source)]
+    for ax, (key, measurements) in zip(axes[0], groups.items()):
+        values = {residual: [v for m in measurements if m["residual"] == residual for v in _spectrum_values(m, source)]
                   for residual in (False, True)}
         positive = [v for vs in values.values() for v in vs if v > 0]
         if positive:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import re
 from pathlib import Path
 
 from jaxres.files import atomic_write
@@ -35,61 +34,99 @@ def _clean(value):
 
 
 def write_results(results: dict, path) -> Path:
-    """results.json with every per-unit number, the settings, the seed and the versions."""
+    """results.json (`StudyResults.to_json()`) with the library versions added."""
     payload = _clean({**results, "versions": versions()})
     atomic_write(Path(path), lambda f: f.write(json.dumps(payload, indent=1).encode()))
     return Path(path)
 
 
+def _g(value, digits: int = 3) -> str:
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _rates(items) -> str:
+    return "/".join(_g(item["rate"]) for item in items) or "-"
+
+
+def _theory(stages) -> str:
+    cells = []
+    for stage in stages:
+        theory = stage.get("theory")
+        cells.append("-" if not theory else f"{_g(theory['rate'])}±{100 * theory['tolerance']:.0f}%")
+    return "/".join(cells) if any(c != "-" for c in cells) else "-"
+
+
+def _estimate(entry: dict) -> str:
+    """A median with its label: exact, or the estimate's interval and probe count."""
+    cell = _g(entry["median"])
+    if "ci" in entry:
+        cell += f" [{_g(entry['ci'][0])},{_g(entry['ci'][1])}]"
+    return cell
+
+
 COLUMNS = (
-    ("model", "model", "{:<16}"),
-    ("setting", "setting", "{:<18}"),
-    ("first_last_ratio", "first/last", "{:>10.3g}"),
-    ("growth_per_unit", "growth/unit", "{:>11.3f}"),
-    ("input_logit_jac", "|dz/dx|", "{:>9.3g}"),
-    ("median_spectral_norm", "med sigma_max", "{:>13.3f}"),
-    ("median_mean_sq_singular_value", "med msv", "{:>8.3f}"),
-    ("grad_correlation_lag1", "grad corr", "{:>9.3f}"),
+    # key, title, width; every number is exact unless its column says otherwise
+    ("model", "model", 22),
+    ("setting", "setting", 14),
+    ("first_last", "first/last", 10),
+    ("summed_rows", "(summed rows)", 13),
+    ("stage_rates", "stage rates", 17),
+    ("theory", "theory", 26),
+    ("transitions", "transitions", 12),
+    ("gsc", "GSC unit_1", 10),
+    ("input", "|dz/dx|", 9),
+    ("cross", "cross e2e", 9),
+    ("msv", "unit msv (95% CI if est.)", 25),
+    ("sigma", "sigma_max", 9),
+    ("corr", "grad corr", 9),
 )
 
 
 def table_rows(results: dict) -> list[dict]:
+    """One row of strings per measurement (from results.json's content)."""
     rows = []
-    for run in results["runs"]:
-        s = run["setting"]
+    for m in results["measurements"]:
+        s, summary = m["setting"], m["summary"]
         label = (f"BN-{s['bn']}" if s["norm"] == "batchnorm" else "no norm") + f" {s['activation']}"
-        rows.append({"model": run["model"], "setting": label, **run["summary"]})
+        rows.append({
+            "model": m["model"], "setting": label,
+            "first_last": _g(summary["first_last_ratio"]),
+            "summed_rows": _g(summary["first_last_ratio_summed_rows"]) if "first_last_ratio_summed_rows" in summary
+            else "-",
+            "stage_rates": _rates(summary["stages"]), "theory": _theory(summary["stages"]),
+            "transitions": _rates(summary["transitions"]),
+            "gsc": _g(summary["gradient_scale_unit_1"]), "input": _g(summary["input_logit_jac"]),
+            "cross": _g(summary["cross_example_share_unit_1"], 2) if "cross_example_share_unit_1" in summary else "-",
+            "msv": _estimate(summary["unit_msv"]), "sigma": _g(summary["unit_sigma_max"]["median"]),
+            "corr": _g(summary["grad_correlation_lag1"], 2),
+        })
     return rows
 
 
-def _plain(fmt: str) -> str:
-    return re.sub(r"\.\d+[gf]", "", fmt)
+def table_legend(results: dict) -> str:
+    """What the columns are, and which numbers are estimates (from the methods recorded)."""
+    methods = sorted({m["summary"]["unit_msv"]["method"] for m in results["measurements"]})
+    return (
+        "first/last: median over examples of ||d z_i/d h_i|| (per-example block) at unit_1's input over the "
+        "head's input (> 1: gradients grow towards the input); (summed rows): the same from "
+        "||sum_j d z_j/d h_i|| (bn=batch); stage rates: per-stage geometric mean over shape-keeping units of "
+        "||dz/dh_l|| / ||dz/dh_l+1||; theory: mean-field stage rate +- its relative tolerance (jaxres.analysis.theory; "
+        "- where no theory covers the case); transitions: the same across each "
+        "stage-opening unit; GSC unit_1: gradient scale coefficient ||dz/dh||_qm ||h|| / ||z|| (Philipp et al. "
+        "2018); |dz/dx|: at the image; cross e2e: share of ||dz/dh_1||_F^2 outside the per-example blocks "
+        "(bn=batch); unit msv: median over sampled units of the per-example (block) mean squared singular "
+        f"value ({', '.join(methods)}; an interval marks estimates); sigma_max: median Lanczos sigma_max "
+        "(to its tolerance); grad corr: correlation of neighbouring inputs' gradients. All other numbers exact."
+    )
 
 
 def format_table(results: dict) -> str:
-    """One line per run. first/last: median ||d logits/d h|| at unit_1's input over the head's
-    input (> 1: gradients grow towards the input); growth/unit: its per-unit geometric mean;
-    |dz/dx|: at the image; med sigma_max / msv: median over units of sigma_max(J_l) and of
-    ||J_l||_F^2 / n_in; grad corr: correlation of input gradients of neighbouring inputs."""
-    header = " ".join(_plain(fmt).format(title) for _, title, fmt in COLUMNS)
+    """The study as an aligned text table (columns: `table_legend`)."""
+    header = " ".join(f"{title:<{width}}" for _, title, width in COLUMNS).rstrip()
     lines = [header, "-" * len(header)]
     for row in table_rows(results):
-        cells = []
-        for key, _, fmt in COLUMNS:
-            value = row[key]
-            try:
-                cells.append(fmt.format(value))
-            except (ValueError, TypeError):
-                cells.append(_plain(fmt).format(str(value)))
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
-
-
-def markdown_table(results: dict) -> str:
-    titles = [title for _, title, _ in COLUMNS]
-    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    for row in table_rows(results):
-        cells = [row["model"], row["setting"]] + [f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
-                                                  for k, _, _ in COLUMNS[2:]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(" ".join(f"{row[key]:<{width}}" for key, _, width in COLUMNS).rstrip())
     return "\n".join(lines)

@@ -76,7 +76,7 @@ def _readable(path, read):
 def check_variables(model, variables, x, name: str = "model") -> dict:
     """Compares `variables` with the model's own tree at input `x`; a ValueError lists every
     missing, unexpected or mis-shaped entry at once."""
-    # scan_units training runs save runs of identical blocks stacked; the analysis reads units.
+    # training with scan_units saves identical consecutive blocks stacked; the analysis reads units.
     variables = unstack_identical_units(model, variables)
     expected = jax.eval_shape(model.init, jax.random.key(0), x)
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(dict(expected))[0]}

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxres.models.layers import pick
+from jaxres.choices import pick
+from jaxres.models.layers import perturbation_name, probe_name
 
 BN_POLICIES = {"eval": False, "batch": True}  # policy -> `train` flag of model.apply
 # Unit ops are small (one block at a small batch) and the study is compile-bound: XLA's
@@ -50,7 +51,7 @@ def unit_variables(variables, name: str) -> dict:
     return {col: tree[name] for col, tree in variables.items() if isinstance(tree, dict) and name in tree}
 
 
-def run_unit(model, name: str, bn: str, cvars: dict, h, perturbations=None, capture: bool = False):
+def apply_unit(model, name: str, bn: str, cvars: dict, h, perturbations=None, capture: bool = False):
     """Applies unit `name` of `model` to the NHWC batch `h`.
 
     `cvars` are the unit's variables without the unit name (see `unit_variables`);
@@ -63,13 +64,14 @@ def run_unit(model, name: str, bn: str, cvars: dict, h, perturbations=None, capt
     if perturbations is not None:
         pert = {}
         if perturbations.get("inner"):
-            pert[name] = perturbations["inner"]
+            pert[name] = {perturbation_name(k): v for k, v in perturbations["inner"].items()}
         if perturbations.get("out") is not None:
-            pert[f"out_{name}"] = perturbations["out"]
+            pert[perturbation_name(f"out_{name}")] = perturbations["out"]
         variables["perturbations"] = pert
     mutable = (["batch_stats"] if train and "batch_stats" in cvars else []) + (["intermediates"] if capture else [])
     rngs = {"dropout": jax.random.key(_DROPOUT_KEY)} if train else None
-    result = model.apply(variables, h, train, start=name, stop=name, mutable=mutable or False, rngs=rngs)
+    result = model.apply(variables, h, train, start=name, stop=name, probes=True, mutable=mutable or False,
+                         rngs=rngs)
     out, state = result if mutable else (result, {})
     if not capture:
         return out
@@ -88,13 +90,14 @@ def trace_unit(model, name: str, bn: str, cvars: dict, h) -> tuple:
 
     def apply(cv, x):
         variables = {col: {name: sub} for col, sub in cv.items()}
-        out, state = model.apply(variables, x, train, start=name, stop=name, mutable=mutable, rngs=rngs)
+        out, state = model.apply(variables, x, train, start=name, stop=name, probes=True, mutable=mutable,
+                                 rngs=rngs)
         return out, state.get("perturbations", {})
 
     jaxpr, (out, shapes) = jax.make_jaxpr(apply, return_shape=True)(cvars, h)
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
-    inner = {k: zeros(s) for k, s in shapes.get(name, {}).items()}
-    out_probe = shapes.get(f"out_{name}")
+    inner = {probe_name(k): zeros(s) for k, s in shapes.get(name, {}).items()}
+    out_probe = shapes.get(perturbation_name(f"out_{name}"))
     return jaxpr, out, {"inner": inner, "out": None if out_probe is None else zeros(out_probe)}
 
 
@@ -127,7 +130,8 @@ def last_probe(probes: dict):
 
 @dataclasses.dataclass
 class Segment:
-    """One unit of a model: its name, its variables/perturbations (unit name removed) and ops."""
+    """One unit of a model: its name, its variables/perturbations (unit name removed), its
+    NHWC input and output shapes, the BatchNorm policy it was traced for, and its ops."""
 
     name: str
     cvars: dict
@@ -135,6 +139,12 @@ class Segment:
     in_shape: tuple
     out_shape: tuple
     ops: UnitOps
+    bn: str = "eval"
+
+    @property
+    def keeps_shape(self) -> bool:
+        """Input and output have the same shape (not a stride-2/widening transition, the stem or the head)."""
+        return self.in_shape == self.out_shape
 
     def op(self, kind: str, build) -> Callable:
         return self.ops.op(kind, build)
@@ -164,14 +174,14 @@ class SegmentCache:
             jaxpr, out, pert = trace_unit(model, name, bn, cvars, h)
 
             def fn(cv, p, x, _name=name):
-                return run_unit(model, _name, bn, cv, x, p)
+                return apply_unit(model, _name, bn, cv, x, p)
 
             def capture_fn(cv, x, _name=name):
-                return run_unit(model, _name, bn, cv, x, capture=True)
+                return apply_unit(model, _name, bn, cv, x, capture=True)
 
             key = (jax.tree.structure((cvars, pert)), str(jaxpr))
             ops = self._ops.setdefault(key, UnitOps(fn, capture_fn))
-            segments.append(Segment(name, cvars, pert, tuple(h.shape), tuple(out.shape), ops))
+            segments.append(Segment(name, cvars, pert, tuple(h.shape), tuple(out.shape), ops, bn))
             h = jax.ShapeDtypeStruct(out.shape, out.dtype)
         return segments
 

@@ -16,11 +16,12 @@ host loops over this op, so each distinct computation of a setting compiles one 
 the depth, and a Lanczos step is one call for the whole group instead of one per unit.
 
 BatchNorm policy as in `segments`: bn="eval" measures the per-example Jacobians of the first
-`jacobian_examples` examples; bn="batch" the Jacobian of the whole batch map.
+`JacobianOptions.examples` examples; bn="batch" the Jacobian of the whole batch map.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -30,9 +31,39 @@ import numpy as np
 
 from jaxres.analysis import estimators, unit_jacobian
 from jaxres.analysis.segments import last_probe
+from jaxres.choices import pick
 
 EXACT_AUTO_MAX_BASIS = 256  # "auto": exact when the smaller side needs <= this many JVP/VJPs
 EXACT_MAX_BASIS = 1 << 16  # "exact": refuse beyond this many basis passes per unit
+METHODS = ("auto", "exact", "estimate")
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobianOptions:
+    """How per-unit Jacobians are measured.
+
+    method: "exact" (basis JVP/VJPs), "estimate" (Hutchinson with `num_probes` Rademacher
+    probes and a 95% interval) or "auto" (exact when a unit needs <= 256 products); tol,
+    max_iter: Lanczos' relative Ritz residual and step limit for sigma_max; chunk_size: basis
+    vectors per compiled step of the exact norms; examples: bn="eval" measures the
+    per-example Jacobians of the first `examples` examples (the map is separable).
+    """
+
+    method: str = "auto"
+    num_probes: int = 8
+    tol: float = 1e-2
+    max_iter: int = 32
+    chunk_size: int = 64
+    examples: int = 1
+
+    def __post_init__(self):
+        pick("method", self.method, dict.fromkeys(METHODS))
+        for name, value, low in (("num_probes", self.num_probes, 2), ("max_iter", self.max_iter, 1),
+                                 ("chunk_size", self.chunk_size, 1), ("jacobian_examples", self.examples, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValueError(f"tol must be a relative tolerance in (0, 1), got {self.tol!r}")
 
 
 def _to_list(x):
@@ -71,22 +102,22 @@ def stack_group(items, per_example: bool, examples: int):
     return cvars, jnp.asarray(h)
 
 
-def frobenius_sq(seg, f, params, h, *, per_example, config, seed) -> dict:
+def frobenius_sq(seg, f, params, h, *, per_example: bool, options: JacobianOptions) -> dict:
     """||J||_F^2 of one unit map, exactly (basis JVP/VJPs); a ValueError if it cannot run."""
     n_in, n_out = math.prod(h.shape[1:]), math.prod(seg.out_shape[1:])
     basis = min(n_in, n_out) * (1 if per_example else h.shape[0])
-    if config.method == "exact" and basis > EXACT_MAX_BASIS:
+    if options.method == "exact" and basis > EXACT_MAX_BASIS:
         raise ValueError(
             f"method='exact' needs {basis:,} JVP/VJPs for {seg.name} ({n_in} inputs, {n_out} outputs"
             f"{'' if per_example else f', batch map of {h.shape[0]}'}), more than {EXACT_MAX_BASIS:,}; "
             f"use --method estimate (Hutchinson with 95% intervals) or a smaller batch"
         )
     value = unit_jacobian.frobenius_sq_exact(f, h, params=params, per_example=per_example,
-                                             chunk_size=config.chunk_size)
+                                             chunk_size=options.chunk_size)
     if per_example:
         return {"method": "exact", "estimate": _to_list(value)}
     total, diag = (float(v) for v in value)
-    return {"method": "exact", "estimate": total, "diagonal": diag}
+    return {"method": "exact", "estimate": total, "diagonal": {"estimate": diag}}
 
 
 def use_exact(seg, per_example: bool, batch: int, method: str) -> bool:
@@ -102,32 +133,40 @@ def _slice_params(seg, examples: int, per_example: bool):
     return seg.cvars, jax.tree.map(lambda p: p[:examples], seg.pert)
 
 
-def measure_group(items, identity, bn: str, config, seed: int) -> list[dict]:
+def measure_group(items, identity, bn: str, options: JacobianOptions, seed: int) -> list[dict]:
     """Per-unit Jacobian quantities for `items` = [(segment, input batch h)] of one computation.
 
     identity: per item, whether it is an identity-shortcut unit (gets the residual split).
-    Returns one dict per item: `frobenius_sq` (exact, or Hutchinson with `std_err`/`ci_low`/
-    `ci_high`), `mean_sq_singular_value` (= ||J||_F^2 / n_in), `spectral_norm` (Lanczos:
-    `sigma`, `residual`, `converged`, `iterations` = steps run for the whole group, `tol`),
-    with bn="batch" `cross_example_share`, for identity units `residual_split`
-    (`branch` = ||J_F||_F, `identity_plus_branch` = ||I + J_F||_F, Hutchinson, same probes).
+    Returns one dict per item, every quantity with its `method`:
+    - `frobenius_sq`: ||J||_F^2, exact or Hutchinson (`std_err`, 95% `ci_low`/`ci_high`); for a
+      batch map (bn="batch") of the whole (N n_out) x (N n_in) map, with `diagonal` the same
+      for its per-example blocks sum_i ||J_ii||_F^2;
+    - `mean_sq_singular_value`: of the per-example Jacobians (bn="eval": ||J_i||_F^2 / n_in per
+      measured example; bn="batch": of the blocks, sum_i ||J_ii||_F^2 / (N n_in)), with the
+      interval when estimated; bn="batch" adds `mean_sq_singular_value_batch_map` (||J||_F^2 /
+      (N n_in)) and `cross_example_share` (1 - diagonal / total, of this unit's map);
+    - `spectral_norm`: sigma_max by Lanczos (`sigma`, `residual`, `converged`, `iterations` =
+      steps run for the whole group, `tol`), per example (bn="eval") or of the batch map;
+    - identity units: `residual_split` (`branch` = ||J_F||_F, `identity_plus_branch` =
+      ||I + J_F||_F, Hutchinson with the same probes).
     Lists have one entry per measured example (bn="eval"); bn="batch" gives scalars.
     """
     per_example = bn == "eval"
     seg0 = items[0][0]
-    cvars, h = stack_group(items, per_example, config.jacobian_examples)
+    cvars, h = stack_group(items, per_example, options.examples)
     units, n = h.shape[:2]
     n_in = math.prod(h.shape[2:]) * (1 if per_example else n)
     op = seg0.op("group_products", _build_group_products)
     rng = np.random.default_rng(seed)
-    exact = use_exact(seg0, per_example, n, config.method)
+    exact = use_exact(seg0, per_example, n, options.method)
+    hutchinson = f"hutchinson-{options.num_probes}"
 
     # Hutchinson probes (also the residual split's): Rademacher; for a batch map each probe
     # lives on one random example j per unit, scaled by sqrt(N), so E[z z^T] = I still and
     # the same samples estimate the same-example (diagonal) blocks; see `estimators`.
     samples, diagonal, branch, total = [], [], [], []
     if not exact or any(identity):
-        for _ in range(config.num_probes):
+        for _ in range(options.num_probes):
             z = rng.choice([-1.0, 1.0], size=h.shape)
             if not per_example:
                 j = rng.integers(n, size=units)
@@ -149,34 +188,46 @@ def measure_group(items, identity, bn: str, config, seed: int) -> list[dict]:
         return np.asarray(gram, np.float64).reshape(v.shape)
 
     groups = units * n if per_example else units
-    spec = unit_jacobian.lanczos_top(matvec, groups, math.prod(shape) // groups, tol=config.tol,
-                                     max_iter=config.max_iter, seed=seed)
+    spec = unit_jacobian.lanczos_top(matvec, groups, math.prod(shape) // groups, tol=options.tol,
+                                     max_iter=options.max_iter, seed=seed)
     reshape = (lambda a: np.asarray(a).reshape(units, n)) if per_example else (lambda a: np.asarray(a))
+
+    def scaled(interval: dict, scale: float) -> dict:
+        return {k: _to_list(np.asarray(v, np.float64) * scale) for k, v in interval.items()}
 
     results = []
     for u, (seg, x) in enumerate(items):
         if exact:
-            fro = frobenius_sq(seg, seg.ops.map, _slice_params(seg, config.jacobian_examples, per_example),
-                               x[: config.jacobian_examples] if per_example else x, per_example=per_example,
-                               config=config, seed=seed)
+            fro = frobenius_sq(seg, seg.ops.map, _slice_params(seg, options.examples, per_example),
+                               x[: options.examples] if per_example else x, per_example=per_example,
+                               options=options)
         else:
             ci = estimators.confidence_interval(np.stack(samples)[:, u])
-            fro = {"method": f"hutchinson-{config.num_probes}", **{k: _to_list(ci[k]) for k in ci}}
+            fro = {"method": hutchinson, **{k: _to_list(ci[k]) for k in ci}}
             if not per_example:
-                fro["diagonal"] = float(np.mean(np.stack(diagonal)[:, u]))
-        est = np.asarray(fro["estimate"], np.float64)
-        result = {"frobenius_sq": fro, "mean_sq_singular_value": _to_list(est / n_in)}
-        if not per_example and est > 0:
-            result["cross_example_share"] = float(1.0 - fro["diagonal"] / est)
-        result["spectral_norm"] = {"sigma": _to_list(np.atleast_1d(reshape(spec["sigma"])[u])),
+                fro["diagonal"] = {k: _to_list(v) for k, v in
+                                   estimators.confidence_interval(np.stack(diagonal)[:, u]).items()}
+        blocks = fro if per_example else fro["diagonal"]
+        msv = {"method": fro["method"], **scaled({k: v for k, v in blocks.items() if k != "method"}, 1.0 / n_in)}
+        result = {"frobenius_sq": fro, "mean_sq_singular_value": msv}
+        if not per_example:
+            result["mean_sq_singular_value_batch_map"] = {
+                "method": fro["method"],
+                **scaled({k: v for k, v in fro.items() if k not in ("method", "diagonal")}, 1.0 / n_in)}
+            if fro["estimate"] > 0:
+                result["cross_example_share"] = {"method": fro["method"],
+                                                 "estimate": float(1.0 - blocks["estimate"] / fro["estimate"])}
+        result["spectral_norm"] = {"method": "lanczos",
+                                   "of": "per-example J_i" if per_example else "the batch map",
+                                   "sigma": _to_list(np.atleast_1d(reshape(spec["sigma"])[u])),
                                    "iterations": int(spec["iterations"]),
                                    "residual": _to_list(np.atleast_1d(reshape(spec["residual"])[u])),
                                    "converged": _to_list(np.atleast_1d(reshape(spec["converged"])[u])),
-                                   "tol": config.tol}
+                                   "tol": options.tol}
         if identity[u]:
             result["residual_split"] = {"branch": _to_list(np.sqrt(np.stack(branch)[:, u].mean(0))),
                                         "identity_plus_branch": _to_list(np.sqrt(np.stack(total)[:, u].mean(0))),
-                                        "method": f"hutchinson-{config.num_probes}"}
+                                        "method": hutchinson}
         results.append(result)
     return results
 

@@ -1,17 +1,20 @@
 """`jaxres analyze`: the plain-vs-residual gradient-propagation study (see jaxres.analysis.study).
 
-Writes results.json (every per-unit number), norms.png, loss_grads.png, spectra.png,
-singular_values.png (exact spectra of d logits/d h), unit_spectra.png (exact unit spectra,
-when requested) and table.txt into --out; nothing is
-written until the study has finished, and each file is written to a temporary name and
-renamed, so an error leaves no partial file behind.
+Writes results.json (every per-unit number), norms.png, loss_grads.png, gradient_scale.png,
+spectra.png, singular_values.png (exact spectra of d z_i/d h_i), unit_spectra.png (exact unit
+spectra, when requested) and table.txt into --out; nothing is written until the study has
+finished, and each file is written to a temporary name and renamed, so an error leaves no
+partial file behind. The settings run concurrently, one thread each, with a progress bar.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 import time
-from pathlib import Path
+
+from jaxres.cli.paths import check_output_dir
 
 
 def _list(text: str, cast=str) -> tuple:
@@ -20,22 +23,6 @@ def _list(text: str, cast=str) -> tuple:
         return tuple(cast(t) for t in items)
     except ValueError:
         raise ValueError(f"expected a comma-separated list of {cast.__name__}s, got {text!r}") from None
-
-
-def check_output_dir(directory, option: str = "--out", expected: str = "a directory") -> Path:
-    """Refuses, before any work, an output directory that could not be created or written at
-    the end: an existing file, a path under a file, a directory without write permission."""
-    directory = Path(directory)
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == directory else f"is under {existing}, which is a file"
-        raise NotADirectoryError(f"{option} {directory} {where}; {option} must be {expected}: choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        action = "write into" if existing == directory else f"create it in {existing}"
-        raise PermissionError(f"{option} {directory}: no permission to {action}; choose a writable path")
-    return directory
 
 
 DEFAULT_MODELS = "cifar_plain,cifar_resnet"
@@ -61,20 +48,77 @@ def trained_as(checkpoint) -> dict:
             "in_channels": overrides.get("in_channels", dataset_spec(stored["dataset"]).channels)}
 
 
+class Progress:
+    """A tqdm bar that several setting threads update (its total grows as groups are found);
+    called as `study.Progress`: `(description, done, new_steps)`."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, disable=not enabled, desc="analyze", unit="step")
+        self._lock = threading.Lock()
+
+    def __call__(self, description: str, done: int, new_steps: int) -> None:
+        with self._lock:
+            if description:
+                self._bar.set_description(f"analyze {description}")
+            self._bar.total += new_steps
+            self._bar.update(done)
+
+    def close(self):
+        self._bar.close()
+
+
+def default_workers(num_settings: int) -> int:
+    """Settings run concurrently, one thread each, up to the machine's cores: a setting's
+    compiles and runs release the GIL, so two settings keep both cores of a 2-core CPU busy
+    (one setting alone keeps about one core busy: it is mostly single-threaded XLA compiles)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, num_settings))
+
+
+def setting_cost_rank(setting) -> int:
+    """0 for the costliest settings: BatchNorm with batch statistics (per-example blocks of a
+    batch map: N*C backward rows, and batch-map unit Jacobians), then BatchNorm eval, then
+    no normalization."""
+    return 0 if setting.norm == "batchnorm" and setting.bn == "batch" else 1 if setting.norm == "batchnorm" else 2
+
+
+def measure_concurrently(config, variables_for=None, *, workers: int | None = None, progress_bar: bool = True):
+    """`study.run_study` with the settings in `workers` threads (default: `default_workers`),
+    the costliest first so the threads finish close together. Every number is the same as
+    with one thread: each setting's seeds, compiled code and order of operations are its own."""
+    from jaxres.analysis import study
+
+    settings = config.settings()
+    workers = default_workers(len(settings)) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    progress = Progress(study.total_steps(config), progress_bar)
+    start = time.perf_counter()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="analyze") as pool:
+            started = {i: pool.submit(study.measure_setting, settings[i], config, variables_for, progress)
+                       for i in sorted(range(len(settings)), key=lambda i: setting_cost_rank(settings[i]))}
+            per_setting = [started[i].result() for i in range(len(settings))]
+    finally:
+        progress.close()
+    return study.collect(config, per_setting, time.perf_counter() - start)
+
+
 def run(args) -> int:
-    from jaxres.analysis import plots, report
-    from jaxres.analysis.study import StudyConfig, run_study
+    from jaxres.analysis import plots, report, study
     from jaxres.files import write_text_atomic
 
     out = check_output_dir(args.out)  # before the study, which may take an hour
     trained = trained_as(args.checkpoint) if args.checkpoint else {}
-    config = StudyConfig(
+    config = study.StudyConfig(
         models=_list(args.models or trained.get("models", DEFAULT_MODELS)), depths=_list(args.depths, int),
         norms=_list(args.norm or trained.get("norm", "batchnorm,none")),
         activations=_list(args.activation or trained.get("activation", "relu,tanh")), bns=_list(args.bn),
         batch_size=args.batch_size, method=args.method, seed=args.seed, num_probes=args.num_probes,
         jacobian_units=args.jacobian_units, spectrum_max_dim=args.spectrum_max_dim,
-        in_channels=args.in_channels or trained.get("in_channels", 3),
+        in_channels=args.in_channels or trained.get("in_channels", 3), float64=args.float64,
     )
     variables_for = None
     if args.checkpoint:
@@ -82,22 +126,28 @@ def run(args) -> int:
 
         restored = restore_variables(args.checkpoint)
         variables_for = lambda name, model, x: check_variables(model, restored, x, name)  # noqa: E731
-    start = time.perf_counter()
-    results = run_study(config, variables_for=variables_for, progress_bar=not args.no_progress,
-                        workers=args.workers)
-    results["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
-    results["seconds"] = time.perf_counter() - start
-    table = report.format_table(results)
-    report.write_results(results, out / "results.json")
-    plots.plot_norms(results, out / "norms.png", "logit_jac")
-    plots.plot_norms(results, out / "loss_grads.png", "loss_grad")
-    plots.plot_spectra(results, out / "spectra.png")
-    exact = plots.plot_exact_spectra(results, out / "singular_values.png")
-    units = plots.plot_exact_spectra(results, out / "unit_spectra.png", source="unit")
-    write_text_atomic(out / "table.txt", table + "\n")
+    if args.workers == 1:  # the library's own loop, one setting after the other
+        progress = Progress(study.total_steps(config), not args.no_progress)
+        try:
+            results = study.run_study(config, variables_for=variables_for, on_progress=progress)
+        finally:
+            progress.close()
+    else:
+        results = measure_concurrently(config, variables_for, workers=args.workers, progress_bar=not args.no_progress)
+    results.checkpoint = str(args.checkpoint) if args.checkpoint else None
+    payload = results.to_json()
+    table = report.format_table(payload)
+    report.write_results(payload, out / "results.json")
+    plots.plot_norms(payload, out / "norms.png", "logit_jac")
+    plots.plot_norms(payload, out / "loss_grads.png", "loss_grad")
+    plots.plot_norms(payload, out / "gradient_scale.png", "gradient_scale")
+    plots.plot_spectra(payload, out / "spectra.png")
+    exact = plots.plot_exact_spectra(payload, out / "singular_values.png")
+    units = plots.plot_exact_spectra(payload, out / "unit_spectra.png", source="unit")
+    write_text_atomic(out / "table.txt", table + "\n\n" + report.table_legend(payload) + "\n")
     print(table)
-    print(f"\n{len(results['runs'])} runs in {results['seconds']:.0f} s; wrote results.json, norms.png, "
-          f"loss_grads.png, spectra.png, {'singular_values.png, ' if exact else ''}"
+    print(f"\n{len(results.measurements)} measurements in {results.seconds:.0f} s; wrote results.json, norms.png, "
+          f"loss_grads.png, gradient_scale.png, spectra.png, {'singular_values.png, ' if exact else ''}"
           f"{'unit_spectra.png, ' if units else ''}table.txt to {out}/")
     return 0
 
@@ -107,9 +157,11 @@ def register(subparsers) -> None:
         "analyze",
         help="exact gradient-propagation study: plain vs residual twins at initialization",
         description="Measures, at every unit boundary of plain and residual twins, the exact end-to-end "
-        "Jacobian ||d logits/d h_l|| and loss gradient, per-unit Jacobian norms (Frobenius exact or "
-        "Hutchinson with 95%% intervals, spectral norm by Lanczos), forward response stds and "
-        "shattered-gradient correlations, on a fixed synthetic batch. Offline; no dataset.",
+        "Jacobian per example ||d z_i/d h_i|| (and, with batch statistics, the summed rows "
+        "||sum_j d z_j/d h_i||), the gradient scale coefficient and the loss gradient; per-stage growth "
+        "rates; per-unit Jacobian norms (Frobenius exact or Hutchinson with 95%% intervals, spectral norm "
+        "by Lanczos), forward response stds and shattered-gradient correlations, on a fixed synthetic "
+        "batch. Offline; no dataset.",
     )
     parser.add_argument("--models", default=None,
                         help=f"families combined with --depths, or full model names (default: {DEFAULT_MODELS}; "
@@ -119,10 +171,10 @@ def register(subparsers) -> None:
     parser.add_argument("--method", default="auto", choices=("auto", "exact", "estimate"),
                         help="per-unit Frobenius norms: exact (basis JVP/VJPs), estimate (Hutchinson), or "
                         "auto (exact when <= 256 products)")
-    parser.add_argument("--bn", default="eval,batch",
-                        help="BatchNorm policies: eval (running stats) and/or batch (batch stats); at "
-                        "initialization eval-mode BN is the identity, i.e. the same as --norm none "
-                        "(default: %(default)s)")
+    parser.add_argument("--bn", default="batch",
+                        help="BatchNorm policies: batch (batch statistics, as in training) and/or eval (running "
+                        "statistics: a checkpoint's, or at initialization statistics calibrated on the study's "
+                        "inputs) (default: %(default)s)")
     parser.add_argument("--activation", default=None,
                         help="activations, e.g. relu,tanh (default: relu,tanh; with --checkpoint of a workdir: "
                         "the trained one)")
@@ -132,9 +184,9 @@ def register(subparsers) -> None:
                         help="image channels of the models (default: 3; with --checkpoint of a workdir: its dataset's)")
     parser.add_argument("--seed", type=int, default=0, help="initialization/input/probe seed (default: 0)")
     parser.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per unit (default: 8)")
-    parser.add_argument("--jacobian-units", type=int, default=4,
-                        help="per-unit Jacobians on this many evenly spaced units per model, 0 = all (default: 4; "
-                        "all units of the full grid take well over 10 min on 2 CPU cores)")
+    parser.add_argument("--jacobian-units", type=int, default=1,
+                        help="per-unit Jacobians on this many evenly spaced shape-keeping units per stage, 0 = every "
+                        "unit (default: 1; every unit of the full grid takes well over 10 min on 2 CPU cores)")
     parser.add_argument("--spectrum-max-dim", type=int, default=0,
                         help="exact SVD spectrum of each model's last shape-keeping unit if its input has "
                         "<= this many values per example, e.g. 4096 for the 8x8x64 stage-3 units (30-60 s "
@@ -146,5 +198,8 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="settings measured concurrently, one thread each (default: the number of CPU cores, "
                         "at most the number of settings); the numbers do not depend on it")
+    parser.add_argument("--float64", action="store_true",
+                        help="measure in float64 (jax_enable_x64 within the study; about twice the time on a CPU): "
+                        "deep plain nets with batch statistics amplify float32 rounding")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
