@@ -1,4 +1,4 @@
-"""Cost of measuring gradient propagation during training (jaxres.analysis.monitor, issue 12).
+"""Cost of measuring gradient propagation during training (jaxres.analysis.monitor).
 
 For a model on a Fashion-MNIST-shaped input (32x32x1, 10 classes): one jitted training step
 at the training batch (jaxres.train.step.train_step, SGD momentum, "single" driver; median of
@@ -35,7 +35,7 @@ def train_step_case(model_name: str, batch_size: int, steps: int) -> dict:
 
     from jaxres.bench.train_step import time_steps
     from jaxres.models import create_model
-    from jaxres.parallel import make_driver
+    from jaxres.train.drivers import make_driver
     from jaxres.train.state import create_train_state
 
     model = create_model(model_name, in_channels=1)

@@ -1,5 +1,5 @@
 """Bad input is refused before any work, with a message that names what is wrong and what to
-do (issue 13: no silently wrong results, no tracebacks)."""
+do: no silently wrong results, no tracebacks."""
 
 import gzip
 import os
@@ -39,7 +39,7 @@ def shapes_of_init(model, hw):
     (cifar_vgg(11), 32),
 ])
 def test_vgg_refuses_an_input_its_max_pools_would_empty(model, smallest):
-    # Before: 7x7 into three pools left a 0x0 map and NaN logits.
+    # unchecked, 7x7 into three pools leaves a 0x0 map and NaN logits
     shapes_of_init(model, smallest)  # the smallest input is fine
     with pytest.raises(ValueError, match=rf"input to 'stem' must be at least {smallest}x{smallest}: its \d max "
                                          rf"pools .* NaN logits; got shape \(1, {smallest - 1}, {smallest - 1}, 3\)"):
@@ -58,7 +58,7 @@ def test_vgg_unit_range_counts_only_its_own_pools():
 @pytest.mark.parametrize("model", [tiny_cifar_resnet(), VGG(**POOLED_THRICE, norm="batchnorm")],
                          ids=["resnet", "vgg"])
 def test_train_mode_refuses_an_empty_batch(model):
-    # Before: BatchNorm's mean over 0 examples wrote NaN into batch_stats.
+    # unchecked, BatchNorm's mean over 0 examples writes NaN into batch_stats
     variables = shapes_of_init(model, 8)
     empty = jnp.zeros((0, 8, 8, 3))
     with pytest.raises(ValueError, match=r"train-mode apply needs a non-empty batch .*got shape \(0, 8, 8, 3\)"):
@@ -172,7 +172,7 @@ def test_import_leaves_only_the_dataset_in_the_data_dir(tmp_path):
 
 
 def test_data_dir_that_is_a_file_is_named(tmp_path, capsys):
-    # Before: reported as "not prepared in FILE".
+    # not to be reported as "not prepared in FILE"
     file = tmp_path / "data.tar"
     file.write_bytes(b"")
     with pytest.raises(NotADirectoryError, match=re.escape(f"data_dir '{file}' is a file; data_dir must be a directory")):
@@ -184,7 +184,7 @@ def test_data_dir_that_is_a_file_is_named(tmp_path, capsys):
 # --- CLI --------------------------------------------------------------------------------------
 
 def test_models_with_no_match_says_so_and_suggests(capsys):
-    # Before: an empty table and exit 0.
+    # not an empty table and exit 0
     assert main(["models", "nonsense"]) == 2
     assert "jaxres models: error: no model has a name containing 'nonsense'" in capsys.readouterr().err
     assert main(["models", "resnt5"]) == 2
@@ -214,7 +214,7 @@ def study_must_not_run(monkeypatch):
     (lambda tmp: tmp / "results.txt" / "run1", "is under {tmp}/results.txt, which is a file"),
 ], ids=["file", "under-a-file"])
 def test_analyze_out_unusable_is_refused_before_the_study(tmp_path, capsys, study_must_not_run, make_out, message):
-    # Before: found out only when writing results.json, after the whole study.
+    # unchecked, it would fail only when writing results.json, after the whole study
     (tmp_path / "results.txt").write_text("")
     out = make_out(tmp_path)
     assert main(["analyze", "--models", "cifar_resnet", "--depths", "20", "--out", str(out), "--no-progress"]) == 2
@@ -232,7 +232,7 @@ def test_analyze_out_without_write_permission_is_refused_before_the_study(tmp_pa
 # --- training config --------------------------------------------------------------------------
 
 def test_eval_batch_size_zero_is_named_as_such():
-    # Before: accepted here, then grain's "batch_size must be positive." at the first evaluation.
+    # unchecked, grain says "batch_size must be positive." only at the first evaluation
     config = apply_overrides(load_config("experiments/configs/synthetic.py"),
                              ["--config.eval_batch_size=0", "--config.model_overrides.widths=(4, 8, 16)"])
     with pytest.raises(ValueError, match="eval_batch_size must be a positive integer, got 0"):

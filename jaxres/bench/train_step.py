@@ -16,8 +16,8 @@ import optax
 
 from jaxres.bench.peaks import peak_flops
 from jaxres.models import count_macs, create_model, model_card
-from jaxres.parallel import check_batch_size, make_driver
-from jaxres.train.precision import COMPUTE_DTYPES as DTYPES, compute_dtype
+from jaxres.train.drivers import check_batch_size, make_driver
+from jaxres.train.precision import compute_dtype
 from jaxres.train.state import create_train_state
 
 

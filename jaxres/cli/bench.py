@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from jaxres.bench.train_step import DTYPES, bench_train_step
+from jaxres.bench.train_step import bench_train_step
 from jaxres.models import model_card
-from jaxres.parallel import DRIVERS
+from jaxres.train.drivers import DRIVERS
+from jaxres.train.precision import COMPUTE_DTYPES
 
 
 HEADER = (f"{'model':<18} {'fw':<6} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
@@ -88,7 +89,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("models", nargs="+", help="registry names, e.g. cifar_resnet20 resnet50")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (params stay float32)")
+    parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32", help="compute dtype (params stay float32)")
     parser.add_argument("--driver", choices=DRIVERS, default="single", help="parallel driver (default single)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
