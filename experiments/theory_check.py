@@ -1,4 +1,4 @@
-"""Mean-field theory beside measurement (issue 14): `jaxres.analysis.theory` predictions vs
+"""Mean-field theory beside measurement: `jaxres.analysis.theory` predictions vs
 exact end-to-end norms, the BN batch-size sweep, signal-propagation plots and shattered
 gradients. Writes experiments/results/theory/{results.json,results.md,*.png}.
 

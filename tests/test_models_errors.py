@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the problem and the fix (issue 2, item 9)."""
+"""Bad input gets a clear error naming the problem and the fix."""
 
 import jax
 import jax.numpy as jnp

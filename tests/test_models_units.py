@@ -1,4 +1,4 @@
-"""The unit interface: named boundaries, ranges, and exact composition (issue 2, item 7)."""
+"""The unit interface: named boundaries, ranges, and exact composition."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 5): bf16/f16 compute tracks float32; float16 loss scaling skips
+"""Mixed precision: bf16/f16 compute tracks float32; float16 loss scaling skips
 overflowing steps; the loop runs under every parallel driver and dtype."""
 
 import jax
