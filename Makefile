@@ -15,8 +15,9 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[$*]'
 	touch $@
 
-# The default gradient-propagation study (plain vs residual CIFAR twins, depths 20/56/110, BN
-# in batch mode and no norm, ReLU and tanh, at init, offline); outputs go to runs/analyze/
+# The default gradient-propagation study (plain vs residual CIFAR twins at depths 20/56/110 and
+# the pre-activation ResNet-110; BN in batch mode and no norm, ReLU and tanh, at init,
+# offline); outputs go to runs/analyze/
 # (git-ignored). README "Gradient-propagation analysis" says how long it takes.
 demo: $(VENV)/.installed-analysis
 	$(BIN)/jaxres analyze --out runs/analyze

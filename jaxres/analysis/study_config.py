@@ -39,8 +39,8 @@ class StudyModel:
 class StudyConfig:
     """What to measure. `models` are families ("cifar_plain", "cifar_resnet") combined with
     `depths`, or full registry names; by default the plain nets and their post-activation
-    residual twins at depths 20/56/110 (add "preact_resnet110" for He et al. 2016's
-    pre-activation net: about 20 s more on the 2-core CPU).
+    residual twins at depths 20/56/110, and He et al. 2016's pre-activation ResNet-110 (its
+    own initialization: projection shortcuts at the transitions make it no weight-sharing twin).
 
     bns: BatchNorm policies. "batch" (batch statistics, as in training) is the default.
     "eval" uses running statistics: a checkpoint's, or at initialization (where Flax's
@@ -58,7 +58,7 @@ class StudyConfig:
     BN-batch nets amplify float32 rounding.
     """
 
-    models: tuple = ("cifar_plain", "cifar_resnet")
+    models: tuple = ("cifar_plain", "cifar_resnet", "preact_resnet110")
     depths: tuple = (20, 56, 110)
     norms: tuple = ("batchnorm", "none")
     activations: tuple = ("relu", "tanh")

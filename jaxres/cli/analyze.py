@@ -25,7 +25,7 @@ def _list(text: str, cast=str) -> tuple:
         raise ValueError(f"expected a comma-separated list of {cast.__name__}s, got {text!r}") from None
 
 
-DEFAULT_MODELS = "cifar_plain,cifar_resnet"
+DEFAULT_MODELS = "cifar_plain,cifar_resnet,preact_resnet110"
 
 
 def trained_as(checkpoint) -> dict:
@@ -159,7 +159,7 @@ def register(subparsers) -> None:
         description="Measures, at every unit boundary of plain and residual twins, the exact end-to-end "
         "Jacobian per example ||d z_i/d h_i|| (and, with batch statistics, the summed rows "
         "||sum_j d z_j/d h_i||), the gradient scale coefficient and the loss gradient; per-stage growth "
-        "rates; per-unit Jacobian norms (Frobenius exact or Hutchinson with 95%% intervals, spectral norm "
+        "rates; per-unit Jacobian norms (Frobenius exact or Hutchinson with 95% intervals, spectral norm "
         "by Lanczos), forward response stds and shattered-gradient correlations, on a fixed synthetic "
         "batch. Offline; no dataset.",
     )
