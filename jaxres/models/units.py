@@ -70,6 +70,8 @@ class UnitModel(nn.Module):
 
     scan_units: bool = dataclasses.field(default=False, kw_only=True)
     remat_units: bool = dataclasses.field(default=False, kw_only=True)
+    # BatchNorm statistics synchronized over this mapped axis (data-parallel training sets it).
+    bn_axis_name: str | None = dataclasses.field(default=None, kw_only=True)
 
     def unit_specs(self, train: bool, probes: bool = False) -> Sequence[UnitSpec]:
         """The units in order; `train` selects batch statistics and dropout in their builders,

@@ -119,7 +119,6 @@ class VGG(UnitModel):
     in_channels: int = 3
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    bn_axis_name: str | None = None  # synchronized BatchNorm over this mapped axis (training)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
