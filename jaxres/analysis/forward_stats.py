@@ -24,7 +24,7 @@ def build_forward(fn, capture_fn):
 
     `pre` is h + (last layer probe) when the unit keeps the shape and has probes, else None:
     the sum an identity-shortcut unit forms before its activation (used to recognize such
-    units from the outside; see `study.identity_unit`).
+    units from the outside; see `segments.identity_unit`).
     """
 
     def forward(cvars, h):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxres.choices import pick
-from jaxres.models.layers import perturbation_name, probe_name
+from jaxres.models.layers import ACTIVATIONS, perturbation_name, probe_name
 
 BN_POLICIES = {"eval": False, "batch": True}  # policy -> `train` flag of model.apply
 # Unit ops are small (one block at a small batch) and the study is compile-bound: XLA's
@@ -126,6 +126,16 @@ def last_probe(probes: dict):
     if not probes:
         raise ValueError("this unit has no layer probes (layer1, layer2, ...)")
     return probes[max(probes, key=lambda name: int(name.removeprefix("layer") or 0))]
+
+
+def identity_unit(out, pre) -> bool:
+    """True when a unit's output is act(h + branch) or h + branch on this batch for one of
+    the zoo's activations, `pre` being h + (last layer probe): the identity-shortcut units,
+    recognized from the outside."""
+    if pre is None:
+        return False
+    candidates = [lambda y: y, *ACTIVATIONS.values()]
+    return any(bool(jnp.allclose(out, act(pre), rtol=1e-4, atol=1e-5)) for act in candidates)
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ For every unit of a model on one NHWC batch, from the unit interface only:
 - `mean_sq`: the average channel squared mean of the unit's output, mean_c (mean_{n,h,w} y)^2;
 - `variance`: the average channel variance of the unit's output, mean_c var_{n,h,w} y;
 - `branch_variance`: for identity-shortcut units (shape-keeping, recognized numerically as
-  output = act(h + last probe) or h + last probe), the average channel variance of the
+  output = act(h + last probe) or h + last probe: `segments.identity_unit`), the average channel variance of the
   residual branch's output (the last layer probe); NaN elsewhere;
 - `skip_variance`: the same for the skip path (the unit's input h); `branch_skip_ratio` =
   branch / skip. De & Smith 2020: BatchNorm on the branch of a pre-activation block keeps
@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres.analysis.segments import SegmentCache, check_bn, last_probe
+from jaxres.analysis.segments import SegmentCache, check_bn, identity_unit, last_probe
 from jaxres.analysis.stages import unit_places
-from jaxres.models.layers import ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +59,8 @@ def channel_stats(y) -> tuple[jax.Array, jax.Array]:
 
 
 def _build_signal(fn, capture_fn):
-    """Segment op: (cvars, h) -> (output, {"out": stats, "branch": stats | None, "skip": stats,
-    "residual_error": max |output - act(h + branch)| over candidate activations, or inf})."""
+    """Segment op: (cvars, h) -> (output, {"out": stats, "skip": stats, and for a shape-keeping
+    unit with layer probes "branch": stats and "sum": h + branch (for `identity_unit`)})."""
 
     def signal(cvars, h):
         out, probes = capture_fn(cvars, h)
@@ -69,11 +68,7 @@ def _build_signal(fn, capture_fn):
         if probes and out.shape == h.shape:
             branch = last_probe(probes)
             stats["branch"] = channel_stats(branch)
-            total = h + branch
-            # identity shortcut: the output is the sum (pre-activation) or act(sum) (post-activation)
-            errors = [jnp.max(jnp.abs(out - total))] + [jnp.max(jnp.abs(out - act(total))) for act in
-                                                          (ACTIVATIONS["relu"], ACTIVATIONS["tanh"])]
-            stats["residual_error"] = jnp.min(jnp.stack(errors)) / (jnp.max(jnp.abs(out)) + 1e-30)
+            stats["sum"] = h + branch
         return out, stats
 
     return signal
@@ -92,7 +87,7 @@ def signal_propagation(model, variables, x, *, bn: str = "batch",
     rows = []
     for seg in segments[:-1]:
         out, stats = seg.op("signal", _build_signal)(seg.cvars, h)
-        identity = "branch" in stats and float(stats["residual_error"]) < 1e-5
+        identity = "branch" in stats and identity_unit(out, stats["sum"])
         rows.append((float(stats["out"][0]), float(stats["out"][1]),
                      float(stats["branch"][1]) if identity else np.nan,
                      float(stats["skip"][1]) if identity else np.nan, identity))

@@ -35,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres.analysis.endtoend import end_to_end
-from jaxres.analysis.segments import SegmentCache
+from jaxres.analysis.segments import SegmentCache, identity_unit
 from jaxres.analysis.shattered import arc_inputs, gradient_correlations
 from jaxres.analysis.stages import sample_units, unit_places
 from jaxres.analysis.study_config import Setting, StudyConfig, StudyModel, study_models
 from jaxres.analysis.summary import summarize
 from jaxres.analysis.unit_groups import exact_spectrum, measure_group
-from jaxres.models.layers import ACTIVATIONS
 from jaxres.models.registry import create_model, model_card
 
 Progress = Callable[[str, int, int], None]  # (what starts now, steps done, steps newly found)
@@ -101,16 +100,6 @@ def _quantiles(values) -> dict:
     v = np.asarray(values, np.float64).ravel()
     return {"median": float(np.median(v)), "mean": float(v.mean()), "q10": float(np.quantile(v, 0.1)),
             "q90": float(np.quantile(v, 0.9)), "per_example": v.tolist(), "method": "exact"}
-
-
-def identity_unit(out, pre) -> bool:
-    """True when a unit's output is act(h + branch) or h + branch on this batch for one of
-    the zoo's activations, `pre` being h + (last layer probe): the identity-shortcut units,
-    recognized from the outside."""
-    if pre is None:
-        return False
-    candidates = [lambda y: y, *ACTIVATIONS.values()]
-    return any(bool(jnp.allclose(out, act(pre), rtol=1e-4, atol=1e-5)) for act in candidates)
 
 
 def study_inputs(config: StudyConfig, input_shape=(32, 32, 3), num_classes: int = 10):
