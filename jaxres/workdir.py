@@ -15,6 +15,7 @@
                                checkpoints/ keep it here; read, never written
     DIR/metrics.jsonl          train/eval metrics (jaxres.train.metrics)
     DIR/analysis.jsonl         gradient propagation during training (jaxres.analysis.monitor)
+    DIR/*.jsonl.torn-<time>    a JSON-lines file's torn last line, set aside before appending
     DIR/tensorboard/           the same scalars for TensorBoard
 
 Training, `jaxres eval` and the analysis all read a run through `Workdir`. Its rule for a
@@ -23,6 +24,10 @@ expects is *refused* (an error, nothing moved); only one whose files cannot be r
 format errors) is *quarantined* into `checkpoints.corrupt/` so the previous one can be used.
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves no half checkpoint in the step list.
+
+A run is *finished* (`Workdir.finished`) when its latest checkpoint is at its last step and that
+step's records are on disk (`jaxres.records.RecordSchedule.wanted`): a run killed between its
+final checkpoint and its records is not, and rerunning it makes them without training.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxres.files import write_text_atomic
+from jaxres.files import FileWriteError, read_jsonl, write_failed, write_text_atomic
+from jaxres.orbax_errors import OS_REASONS, describe_error, failure_reason, os_error_in, thread_errors_held
+from jaxres.records import RecordSchedule
 
 ITEMS = ("state", "data", "config", "meta")
 KINDS = ("checkpoints", "best")
@@ -51,9 +58,14 @@ class WorkdirBusyError(RuntimeError):
     """Another process is training in this workdir."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(FileWriteError):
     """A checkpoint could not be written (disk full, read-only file system, ...); the earlier
-    checkpoints are intact."""
+    checkpoints are intact. `str()` is the message alone."""
+
+
+class RecordWriteError(FileWriteError):
+    """A record of a training run (a metrics or analysis line, TensorBoard events) could not be
+    written mid-run; the message names the file, the step and the latest intact checkpoint."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -69,12 +81,6 @@ class Checkpoint:
     data: dict  # the training iterator's state
     config: dict  # the run's config (JSON)
     meta: dict  # step, time, eval metrics if any
-
-
-def describe_error(err: BaseException) -> str:
-    """`Type: first line of the message` (orbax and tensorstore errors run to many lines)."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def _shapes(tree) -> dict:
@@ -135,6 +141,15 @@ class Workdir:
 
     # -- paths ------------------------------------------------------------------------------
     @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def config_path(self) -> Path:
+        """The run's config as JSON, rewritten at every start (the checkpoints hold their own copy)."""
+        return self.path / "config.json"
+
+    @property
     def analysis_path(self) -> Path:
         return self.path / "analysis.jsonl"
 
@@ -165,8 +180,11 @@ class Workdir:
                 raise WorkdirBusyError(
                     f"{self.path} is in use by another training process (PID {holder}); wait for it to "
                     f"finish, stop it (SIGTERM saves a checkpoint), or choose another --workdir") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            except OSError as err:
+                raise write_failed(err, path, "the trainer's PID") from None
             yield self
         finally:
             os.close(fd)  # releases the lock
@@ -329,22 +347,24 @@ class Workdir:
 
         kind = "checkpoints"
         meta = {"step": int(step), "time": time.time(), **({"eval": eval_metrics} if eval_metrics else {})}
-        try:
-            self.directory(kind).mkdir(parents=True, exist_ok=True)
-            manager = self._manager(kind)
-            manager.save(int(step), args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)),
-                metrics=dict(eval_metrics) if eval_metrics else None, force=True)
-            manager.wait_until_finished()
-        except Exception as err:  # noqa: BLE001 - orbax wraps OS errors in several types
-            self._drop_manager(kind)
-            intact = [s for s in self.steps(kind) if s != step]
-            raise CheckpointWriteError(
-                getattr(_os_error_in(err), "errno", None) or errno.EIO,
-                f"could not write checkpoint {step} to {self.directory(kind)} ({_reason(err)}). Earlier "
-                f"checkpoints are intact ({f'latest: {intact[-1]}' if intact else 'none saved yet'}); fix "
-                f"the cause (free disk space, permissions) and rerun the same command to resume") from err
+        with thread_errors_held():
+            try:
+                self.directory(kind).mkdir(parents=True, exist_ok=True)
+                manager = self._manager(kind)
+                manager.save(int(step), args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)),
+                    metrics=dict(eval_metrics) if eval_metrics else None, force=True)
+                manager.wait_until_finished()
+            except Exception as err:  # noqa: BLE001 - orbax wraps OS errors in several types
+                self._drop_manager(kind)
+                intact = [s for s in self.steps(kind) if s != step]
+                reason = failure_reason(err)
+                raise CheckpointWriteError(
+                    getattr(os_error_in(err), "errno", None) or OS_REASONS.get(reason, errno.EIO),
+                    f"could not write checkpoint {step} to {self.directory(kind)} ({reason}). Earlier "
+                    f"checkpoints are intact ({f'latest: {intact[-1]}' if intact else 'none saved yet'}); fix "
+                    f"the cause (free disk space, permissions) and rerun the same command to resume") from err
 
     def _drop_manager(self, kind: str) -> None:
         manager = self._managers.pop(kind, None)
@@ -364,7 +384,36 @@ class Workdir:
 
     # -- the config of the latest invocation ------------------------------------------------
     def write_config(self, config_json: str) -> None:
-        write_text_atomic(self.path / "config.json", config_json)
+        write_text_atomic(self.config_path, config_json)
+
+    # -- records ------------------------------------------------------------------------------
+    def records_at(self, step: int) -> set[str]:
+        """The records on disk at `step`: the metrics.jsonl splits with a line there ("train",
+        "eval", "train_eval", ...) and "analysis:<bn>" per analysis.jsonl policy."""
+        found = {r.get("split") for r in read_jsonl(self.metrics_path) if r.get("step") == step}
+        found |= {f"analysis:{r.get('bn')}" for r in read_jsonl(self.analysis_path)
+                  if r.get("step") == step and "bn" in r}
+        return {name for name in found if isinstance(name, str) and name != "event"}
+
+    def finished(self, config) -> bool:
+        """Whether the run of `config` (a ConfigDict or its JSON dict) has finished: its latest
+        checkpoint is at step >= `config.num_steps` and the records that step must have are on
+        disk - its eval line(s) in metrics.jsonl and, when the gradient monitor is on, its
+        analysis.jsonl records (`RecordSchedule.wanted`). A run killed between its final
+        checkpoint and those records is not finished; `jaxres train` then makes them, untrained."""
+        schedule = RecordSchedule.from_config(config)
+        step = self.latest_step()
+        return step is not None and step >= schedule.num_steps and schedule.wanted(step) <= self.records_at(step)
+
+    def record_write_failed(self, err: OSError, step: int) -> RecordWriteError:
+        """The error that ends a run whose record at `step` could not be written (`err` names the
+        file): it names the latest intact checkpoint, from which a rerun remakes the records."""
+        latest = self.latest_step()
+        where = (f"latest: {latest} in {self.directory()}; the rerun resumes from it and writes the records after "
+                 f"it again" if latest is not None else "none saved yet; the rerun starts again")
+        return RecordWriteError(err.errno or errno.EIO,
+                                f"{err} at step {step}; training stopped. Checkpoints are intact ({where}). Fix the "
+                                f"cause (free disk space, permissions) and rerun the same command")
 
 
 def _restore_target(leaf) -> jax.ShapeDtypeStruct:
@@ -388,27 +437,6 @@ def _without_metrics_warning(record) -> bool:
     # orbax warns at every save without metrics once best_fn is set; here only evaluated
     # checkpoints have them, by design.
     return not str(record.msg).startswith("Requested `tracked_metric`")
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind `err` (orbax and tensorstore re-raise OS errors as other types)."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _reason(err: BaseException) -> str:
-    os_error = _os_error_in(err)
-    if os_error is not None:
-        return os.strerror(os_error.errno)
-    text = str(err)
-    for marker in ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded"):
-        if marker in text:
-            return marker
-    return describe_error(err)
 
 
 def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int]:

@@ -1,7 +1,9 @@
 """Bad input is refused before any work, with a message that names what is wrong and what to
 do: no silently wrong results, no tracebacks."""
 
+import errno
 import gzip
+import importlib
 import os
 import re
 
@@ -12,12 +14,16 @@ import pytest
 
 import jaxres.analysis.study
 import jaxres.data.importer
-from jaxres.cli import main
+import jaxres.workdir
+from jaxres.cli import COMMANDS, main
 from jaxres.data import load_source
 from jaxres.data.importer import import_idx
 from jaxres.models import VGG, cifar_vgg, vgg
 from jaxres.train import apply_overrides, load_config
 from jaxres.train.loop import Run
+from jaxres.train.optim import make_schedule
+from jaxres.weights import load_weights, save_weights
+from jaxres.workdir import Workdir, WorkdirBusyError
 from tests.conftest import tiny_cifar_resnet
 from tests.test_data_sources import write_idx
 
@@ -181,6 +187,30 @@ def test_data_dir_that_is_a_file_is_named(tmp_path, capsys):
     assert "is a file; data_dir must be a directory" in capsys.readouterr().err
 
 
+# --- weights files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropped, message", [
+    (["model"], "its metadata has no model (the registry name the weights are for)"),
+    (["model", "sha256"], "its metadata has no model, sha256 (the registry name the weights are for; the checksum "
+                          "of the tensors)"),
+], ids=["model", "model-and-checksum"])
+def test_weights_file_without_its_model_name_is_named(tmp_path, dropped, message):
+    # unchecked: KeyError: 'model'
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    model = tiny_cifar_resnet()
+    variables = model.init(KEY, jnp.zeros((1, 8, 8, 3)))
+    path = save_weights(tmp_path / "w.safetensors", variables, "cifar_resnet20", num_classes=10)
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k not in dropped}
+    save_file(load_file(str(path)), str(path), metadata=metadata)  # still marked format=jaxres.weights
+    with pytest.raises(ValueError, match=re.escape(f"{path} is marked as a jaxres weights file but {message}: it was "
+                                                   f"not written by jaxres.weights.save_weights or was edited; "
+                                                   f"convert the original weights again (jaxres convert)")):
+        load_weights(path)
+
+
 # --- CLI --------------------------------------------------------------------------------------
 
 def test_models_with_no_match_says_so_and_suggests(capsys):
@@ -203,10 +233,11 @@ def test_convert_out_that_is_a_file_is_refused_before_reading_anything(tmp_path,
 
 @pytest.fixture
 def study_must_not_run(monkeypatch):
-    def run_study(*args, **kwargs):
-        raise AssertionError("the study ran before --out was checked")
+    def study(*args, **kwargs):
+        raise AssertionError("the study ran before its input was checked")
 
-    monkeypatch.setattr(jaxres.analysis.study, "run_study", run_study)
+    monkeypatch.setattr(jaxres.analysis.study, "run_study", study)  # --workers 1
+    monkeypatch.setattr(jaxres.analysis.study, "measure_setting", study)  # settings in threads (the default)
 
 
 @pytest.mark.parametrize("make_out, message", [
@@ -229,7 +260,174 @@ def test_analyze_out_without_write_permission_is_refused_before_the_study(tmp_pa
     assert f"--out {locked / 'run'}: no permission to create it in {locked}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--bn", ""], "bns (--bn) must be a non-empty list; got (): name at least one of eval, batch"),
+    (["--bn", ","], "bns (--bn) must be a non-empty list; got (): name at least one of eval, batch"),
+    (["--activation", ""], "activations (--activation) must be a non-empty list; got (): name at least one of relu, "
+                           "tanh, "),
+    (["--norm", ""], "norms (--norm) must be a non-empty list; got (): name at least one of batchnorm, none"),
+    (["--depths", ""], "cifar_resnet is a family, and depths (--depths) is empty: give its depths, e.g. --depths "
+                       "20,56, or full names such as cifar_resnet20"),
+    (["--in-channels", "0"], "in_channels must be an integer >= 1, got 0"),
+], ids=["bn-empty", "bn-comma", "activation-empty", "norm-empty", "depths-empty", "in-channels-0"])
+def test_analyze_refuses_an_empty_choice_before_any_work(tmp_path, capsys, study_must_not_run, option, message):
+    # unchecked, an empty --bn measured nothing, failed in matplotlib and left an empty
+    # results.json; an empty --activation (or --in-channels 0) fell back to the default
+    out = tmp_path / "out"
+    assert main(["analyze", "--models", "cifar_resnet", "--depths", "20", *option, "--out", str(out),
+                 "--no-progress"]) == 2
+    assert f"jaxres analyze: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture
+def trained_workdir(tmp_path):
+    """A `jaxres train` workdir with checkpoints 3 and 6 (their config names a cifar_plain20)."""
+    workdir = tmp_path / "run"
+    with Workdir(workdir, create=True) as wd:
+        for step in (3, 6):
+            wd.save(step, {"step": np.int32(step)}, {}, {"model": "cifar_plain20", "dataset": "fashion_mnist"})
+    return workdir
+
+
+@pytest.mark.parametrize("item", ["config/metadata", "state/_METADATA"])
+def test_analyze_names_an_empty_json_file_of_the_checkpoint_and_what_to_do(trained_workdir, tmp_path, capsys,
+                                                                           study_must_not_run, item):
+    # as a write cut short leaves it; the message was "Expecting value: line 1 column 1 (char 0)"
+    empty = trained_workdir / "checkpoints" / "6" / item  # the JSON file orbax writes for that item
+    assert empty.stat().st_size > 0
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert main(["analyze", "--checkpoint", str(trained_workdir), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"jaxres analyze: error: checkpoint 6 in {trained_workdir / 'checkpoints'} cannot be read (JSONDecodeError: "
+            f"Expecting value: line 1 column 1 (char 0)); empty file: {empty}; pass an earlier checkpoint "
+            f"({trained_workdir / 'checkpoints' / '3'}), or rerun `jaxres train --workdir {trained_workdir}`, which "
+            f"sets it aside and resumes from the one before") in err, err
+    assert not out.exists()
+
+
+def test_an_empty_metadata_file_of_a_plain_orbax_checkpoint_is_named(tmp_path):
+    from jaxres.analysis.restore import restore_variables
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "_METADATA").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"empty file: {tmp_path / 'ckpt' / '_METADATA'}; its files are "
+                                                   f"damaged or it is not an orbax checkpoint: save it again")):
+        restore_variables(tmp_path / "ckpt")
+
+
+# --- one error boundary for every command (jaxres.cli.main) -------------------------------------
+
+# The least each command parses; its `run` is replaced, so nothing else happens.
+COMMAND_ARGS = {
+    "models": [], "convert": ["torchvision", "--out", "w"], "train": ["--config", "c.py", "--workdir", "w"],
+    "eval": ["--workdir", "w"], "data": ["list"], "bench": ["cifar_resnet20"], "analyze": [],
+    "experiment": ["degradation"],
+}
+
+
+def run_raising(monkeypatch, command, error):
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(importlib.import_module(f"jaxres.cli.{command}"), "run", run)
+    return main([command, *COMMAND_ARGS[command]])
+
+
+def test_every_command_has_its_arguments_here():
+    assert sorted(COMMAND_ARGS) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_reports_a_library_error_in_one_line(monkeypatch, capsys, command):
+    # before, only `jaxres train` caught WorkdirBusyError: `jaxres experiment` showed a traceback
+    busy = WorkdirBusyError("runs/x is in use by another training process (PID 7); wait for it to finish")
+    assert run_raising(monkeypatch, command, busy) == 1
+    assert capsys.readouterr().err == f"jaxres {command}: error: {busy}\n"
+
+
+@pytest.mark.parametrize("command, rerun", [
+    ("train", "rerun the same command to resume from the last checkpoint"),
+    ("experiment", "rerun the same command to continue; finished runs are not redone"),
+    ("analyze", "rerun the same command to start again"),
+    ("convert", "rerun the same command to start again"),
+])
+def test_an_interrupted_command_says_what_rerunning_does(monkeypatch, capsys, command, rerun):
+    try:
+        code = run_raising(monkeypatch, command, KeyboardInterrupt())
+    except KeyboardInterrupt:  # would stop pytest itself
+        pytest.fail(f"Ctrl-C in jaxres {command} ends in a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == f"jaxres {command}: interrupted; {rerun}\n"
+
+
+def test_an_import_error_jaxres_explains_is_one_line_in_any_command(monkeypatch, capsys):
+    # `jaxres convert` alone turned these into one line; `jaxres bench --torch` and the rest did not
+    needs_torch = ImportError("reading w.pth needs torch (pip install 'jaxres[torch]')")
+    assert run_raising(monkeypatch, "analyze", needs_torch) == 2
+    assert capsys.readouterr().err == f"jaxres analyze: error: {needs_torch}\n"
+
+
+@pytest.mark.parametrize("bug", [KeyError("params"), ZeroDivisionError("float division by zero"),
+                                 ImportError("cannot import name 'x' from 'y'", name="y")],
+                         ids=["KeyError", "ZeroDivisionError", "ImportError-of-a-name"])
+def test_a_bug_still_shows_its_traceback(monkeypatch, bug):
+    with pytest.raises(type(bug)):
+        run_raising(monkeypatch, "eval", bug)
+
+
+def test_a_second_experiment_on_a_busy_out_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    data_dir = tmp_path / "data"
+    import_idx("fashion_mnist", idx_files(tmp_path / "idx"), data_dir)
+    capsys.readouterr()  # TFDS's progress bars
+
+    def held(fd, operation):  # another `jaxres experiment` trains in the workdir
+        raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+
+    monkeypatch.setattr(jaxres.workdir.fcntl, "flock", held)
+    out = tmp_path / "out"
+    assert main(["experiment", "degradation", "--out", str(out), "--models", "cifar_plain8", "--num-steps", "2",
+                 "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"jaxres experiment: error: {re.escape(str(out))}/runs/\S+ is in use by another training "
+                        rf"process \(PID unknown\); wait for it to finish, .* or choose another --workdir\n", err), err
+
+
 # --- training config --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.num_steps=x", "--config.num_steps must be an integer (it is 300 now); got 'x'"),
+    ("--config.num_steps=2.5", "--config.num_steps must be an integer (it is 300 now); got 2.5"),
+    ("--config.progress_bar=1", "--config.progress_bar must be True or False (it is True now); got 1"),
+    ("--config.model_overrides.widths=(4,x,8)",
+     "--config.model_overrides.widths must be a tuple (it is (8, 16, 32) now); got '(4,x,8)'"),
+    ("--config.lr_boundaries.x=0.1", "lr_boundaries keys must be iteration numbers, e.g. "
+                                     "--config.lr_boundaries.32000=0.1 (in a config file: {'32000': 0.1}); got 'x'"),
+    ("--config.lr_boundaries={'x': 0.1}", "lr_boundaries keys must be iteration numbers"),
+    ("--config.lr_boundaries.100=x", "lr_boundaries.100 must be a number, the factor of the learning rate from "
+                                     "iteration 100 on (e.g. 0.1); got 'x'"),
+    ("--config.foo.bar=1", "config has no field 'foo'"),
+    ("--config.num_steps.x=1", "--config.num_steps.x: num_steps is a value (300), not a group of fields; set it "
+                               "with --config.num_steps=VALUE"),
+], ids=["int-text", "int-float", "bool-int", "tuple-text", "boundary-key", "boundary-dict", "boundary-factor",
+        "no-group", "not-a-group"])
+def test_a_config_value_of_the_wrong_type_names_the_field_before_the_workdir_is_made(tmp_path, capsys, override,
+                                                                                    message):
+    # before: "invalid literal for int() with base 10: 'x'" (after making the workdir), ml_collections'
+    # "Could not override field ... cannot be casted", or a KeyError's traceback
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "experiments/configs/synthetic.py", "--workdir", str(workdir), override]) == 2
+    assert f"jaxres train: error: {message}" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_a_config_file_with_a_boundary_that_is_no_iteration_is_named():
+    config = load_config("experiments/configs/synthetic.py")
+    config.lr_boundaries = {"x": 0.1}  # as a get_config() might write it
+    with pytest.raises(ValueError, match=r"lr_boundaries keys must be iteration numbers, .*; got 'x'"):
+        make_schedule(config, steps_per_epoch=10)
+
 
 def test_eval_batch_size_zero_is_named_as_such():
     # unchecked, grain says "batch_size must be positive." only at the first evaluation

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxres
-from jaxres.models import ResNet, cifar_resnet, imagenet_resnet, vgg
+from jaxres.models import VGG, ResNet, cifar_resnet, imagenet_resnet, vgg
 from tests.conftest import init, tiny_cifar_resnet
 
 
@@ -106,3 +106,45 @@ def test_mismatched_stage_config():
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown family 'resnets'; did you mean 'resnet'"):
         jaxres.list_models("resnets")
+
+
+# A zero width used to end in a ZeroDivisionError inside an initializer, a negative one in an
+# MLIRError from XLA, and no stage at all in an IndexError in resnet.py: refused when built.
+@pytest.mark.parametrize("fields, message", [
+    (dict(widths=(0, 8)), r"ResNet widths must be positive integers \(conv channels per stage, e\.g\. "
+                          r"\(64, 128, 256, 512\)\); got widths=\(0, 8\)"),
+    (dict(widths=(-4, 8)), r"ResNet widths must be positive integers .*; got widths=\(-4, 8\)"),
+    (dict(widths=(4.0, 8)), r"ResNet widths must be positive integers .*; got widths=\(4\.0, 8\)"),
+    (dict(in_channels=0), r"ResNet in_channels must be a positive integer \(image channels: 3 for RGB, 1 for "
+                          r"grayscale\); got in_channels=0"),
+    (dict(stage_sizes=(), widths=()), r"ResNet stage_sizes is empty; it needs at least one entry \(blocks per stage, "
+                                      r"e\.g\. \(2, 2, 2, 2\)\)"),
+    (dict(stage_sizes=(1, 1.5)), r"ResNet stage_sizes must be positive integers .*; got stage_sizes=\(1, 1\.5\)"),
+], ids=["zero-width", "negative-width", "float-width", "no-channels", "no-stages", "float-blocks"])
+def test_resnet_sizes_must_be_positive_integers(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ResNet(**{"stage_sizes": (1, 1), "widths": (4, 8), "stem": "cifar", **fields})
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(in_channels=0), r"VGG in_channels must be a positive integer \(image channels: .*\); got in_channels=0"),
+    (dict(pool_size=0), r"VGG pool_size must be a positive integer \(the side of the pooled map the classifier "
+                        r"reads: 7 in torchvision, 1 for CIFAR\); got pool_size=0"),
+    (dict(classifier_widths=(0,)), r"VGG classifier_widths must be positive integers \(hidden Dense layers, e\.g\. "
+                                   r"\(4096, 4096\), or \(\) for none\); got classifier_widths=\(0,\)"),
+    (dict(classifier_widths=(-3,)), r"VGG classifier_widths must be positive integers .*; got classifier_widths=\(-3,\)"),
+    (dict(dropout=1.5), r"VGG dropout must be a probability in \[0, 1\) \(torchvision: 0\.5; 0: none\); got "
+                        r"dropout=1\.5"),
+], ids=["no-channels", "pool-0", "zero-hidden", "negative-hidden", "dropout-above-1"])
+def test_vgg_sizes_must_be_positive_integers(fields, message):
+    # unchecked: pool_size=0 ends in a ZeroDivisionError, a negative hidden width in a shape
+    # error; a zero one gives constant logits and dropout 1.5 zeroes the classifier, silently
+    with pytest.raises(ValueError, match=message):
+        VGG(**{"layers": (4, "M"), "pool_size": 1, "classifier_widths": (), **fields})
+
+
+def test_registry_overrides_meet_the_same_checks():
+    with pytest.raises(ValueError, match="ResNet in_channels must be a positive integer .*got in_channels=0"):
+        jaxres.create_model("cifar_resnet20", in_channels=0)
+    with pytest.raises(ValueError, match="VGG in_channels must be a positive integer .*got in_channels=0"):
+        jaxres.create_model("vgg11", in_channels=0)

@@ -1,6 +1,8 @@
-"""Gradient propagation measured during training (`config.analysis_every_steps`): the records
-are the library's numbers, survive a kill and resume unchanged, and a bad setting or a failing
-measurement never costs the run."""
+"""Gradient propagation measured during training (`config.analysis_every_steps`,
+`analysis_steps`) and the eval-mode score of a fixed training subset (`train_eval_examples`):
+the records are the library's numbers, survive a kill and resume unchanged (a kill between a
+checkpoint and its measurement included), the schedule may change on resume, and a bad setting
+or a failing measurement never costs the run."""
 
 import os
 
@@ -8,13 +10,14 @@ import jax
 import numpy as np
 import pytest
 
+from jaxres import data
 from jaxres.analysis import TrainingMonitor, end_to_end_norms, read_analysis
 from jaxres.train import train_and_evaluate
-from jaxres.train.loop import Run
+from jaxres.train.loop import TRAIN_EVAL_SEED, Run
 from jaxres.files import read_jsonl
 from jaxres.workdir import Workdir
 from tests.test_train_loop import final_tree, tiny_config
-from tests.test_workdir_faults import QUIET, sigterm_during
+from tests.test_workdir_faults import QUIET, Killed, killed_during, sigterm_during
 
 
 def analysis_config(**fields):
@@ -97,3 +100,69 @@ def test_a_failing_measurement_never_costs_the_run(analysed, monkeypatch, tmp_pa
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                                      final_tree(tmp_path, analysis_config(), 4)[0],
                                      final_tree(analysed[0], analysis_config(), 4)[0]))
+
+
+@pytest.mark.parametrize("step", [2, 4], ids=["mid-run", "final step"])
+def test_a_kill_between_a_checkpoint_and_its_measurement_is_measured_on_resume(analysed, monkeypatch, tmp_path, step):
+    # At an evaluated step the checkpoint is saved before the measurement; killed in between,
+    # the resumed run starts from that checkpoint and must measure the step it starts from.
+    config = analysis_config(eval_every_steps=2)
+    killed_during(monkeypatch, TrainingMonitor, "measure", lambda self, s, *a: s == step)
+    with pytest.raises(Killed):
+        train_and_evaluate(config, tmp_path, **QUIET)
+    monkeypatch.undo()
+    with Workdir(tmp_path) as wd:
+        assert wd.latest_step() == step
+    assert step not in {r["step"] for r in read_analysis(tmp_path)}
+    messages = []
+    train_and_evaluate(config, tmp_path, report=messages.append)
+    assert any(f"resumed from checkpoint {step}" in m for m in messages)
+    assert numbers(read_analysis(tmp_path)) == numbers(read_analysis(analysed[0]))
+
+
+def test_extra_analysis_steps_are_measured_besides_the_interval_and_the_end(tmp_path):
+    train_and_evaluate(analysis_config(num_steps=5, analysis_every_steps=4, analysis_steps=(1, 3), analysis_bn="batch"),
+                       tmp_path, **QUIET)
+    assert [r["step"] for r in read_analysis(tmp_path)] == [0, 1, 3, 4, 5]
+
+
+def test_the_schedule_may_change_on_resume_and_the_records_say_which_made_them(tmp_path):
+    train_and_evaluate(analysis_config(analysis_bn="batch"), tmp_path, **QUIET)  # steps 0, 2, 4
+    # a longer run measuring at step 5 only (and the end), with the train subset scored too
+    changed = analysis_config(analysis_bn="batch", num_steps=7, analysis_every_steps=0, analysis_steps=(5,),
+                              train_eval_examples=8)
+    train_and_evaluate(changed, tmp_path, **QUIET)
+    assert [r["step"] for r in read_analysis(tmp_path)] == [0, 2, 4, 5, 7]
+    starts = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("start")]
+    assert [(r["step"], r["schedule"]["analysis_every_steps"], r["schedule"]["analysis_steps"],
+             r["schedule"]["train_eval_examples"]) for r in starts] == [(0, 2, [], 0), (4, 0, [5], 8)]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("analysis_steps", (4, -1), r"analysis_steps must be a tuple of step numbers >= 0 .*got \(4, -1\)"),
+    ("analysis_steps", (1.5,), r"analysis_steps must be a tuple of step numbers >= 0 .*got \(1.5,\)"),
+    ("analysis_steps", ("4",), r"analysis_steps must be a tuple of step numbers >= 0 .*got \('4',\)"),
+    ("train_eval_examples", -5, r"train_eval_examples must be an integer >= 0.*got -5"),
+    ("train_eval_examples", 10**6, r"train_eval_examples 1000000 exceeds the \d+ examples of the training split"),
+])
+def test_a_bad_record_schedule_is_refused_before_training(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(analysis_config(**{field: value}), tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_train_eval_scores_a_fixed_training_subset_in_eval_mode_at_every_evaluation(tmp_path):
+    config = tiny_config(seed=3, eval_every_steps=2, train_eval_examples=20)
+    summary = train_and_evaluate(config, tmp_path, **QUIET)
+    lines = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train_eval"]
+    assert [(r["step"], r["count"]) for r in lines] == [(2, 20), (4, 20)]
+    # the same images whatever the run's seed: the first 20 of a TRAIN_EVAL_SEED permutation
+    run = Run(config)
+    indices = data.permuted_indices(len(run.train_source), 20, TRAIN_EVAL_SEED)
+    np.testing.assert_array_equal(run.train_eval_source.indices, indices)
+    assert TRAIN_EVAL_SEED != config.seed
+    # the numbers are Run.evaluate's (eval mode, eval transform) on the final checkpoint
+    state = run.driver.put_state(run.state.replace(**final_tree(tmp_path, config, 4)[0]))
+    expected = run.evaluate(state, data.SourceSubset(run.train_source, indices))
+    assert lines[-1]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert lines[-1]["accuracy"] == expected["accuracy"] == summary["train_eval"]["accuracy"]

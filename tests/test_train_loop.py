@@ -128,6 +128,17 @@ def test_resuming_with_a_different_recipe_is_refused(finished_run):
         train_and_evaluate(changed, workdir, report=lambda *_: None)
 
 
+def test_a_run_saved_before_a_field_existed_resumes_when_the_field_keeps_its_default(tmp_path):
+    from jaxres.train import config as config_lib
+    from jaxres.train.loop import check_resumable
+
+    config = tiny_config()
+    older = {k: v for k, v in config_lib.to_json(config).items() if k not in ("optimizer", "trust_coefficient")}
+    check_resumable(older, config, tmp_path)  # the older run trained with SGD, today's default
+    with pytest.raises(ValueError, match=r"different config \(optimizer: saved 'sgd', now 'lars'\)"):
+        check_resumable(older, tiny_config(optimizer="lars"), tmp_path)
+
+
 def test_config_overrides_are_typed_and_checked():
     config = load_config("experiments/configs/cifar10.py:resnet110")
     apply_overrides(config, ["--config.num_steps=100", "--config.learning_rate", "1", "--config.nesterov=True"])

@@ -1,6 +1,7 @@
 """Kill-and-resume with real processes: a run killed by SIGKILL at an arbitrary moment, or
 stopped by SIGTERM, and restarted with the same command ends bitwise identical (CPU) to an
-uninterrupted run with the same seed."""
+uninterrupted run with the same seed, and with its records (a SIGKILL between a checkpoint and
+its gradient measurement included)."""
 
 import os
 import signal
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxres.analysis.monitor import read_analysis
 from jaxres.train import apply_overrides, load_config
 from jaxres.train.loop import Run
 from jaxres.train.state import checkpoint_tree
@@ -116,4 +118,34 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bitwise(uninterrupted, tmp_path
     resumed = subprocess.run(command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resumed from checkpoint {stopped_at}" in resumed.stdout
+    assert_bitwise_equal(final_state(tmp_path)[0], uninterrupted[0])
+
+
+KILL_IN_MEASUREMENT = ("import os, signal, sys\n"
+                       "from jaxres.analysis.monitor import TrainingMonitor\n"
+                       "measure = TrainingMonitor.measure\n"
+                       "def sigkill_at(self, step, variables):\n"
+                       "    if step == int(sys.argv[1]):\n"
+                       "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                       "    return measure(self, step, variables)\n"
+                       "TrainingMonitor.measure = sigkill_at\n"
+                       "from jaxres.cli import main\n"
+                       "sys.exit(main(sys.argv[2:]))\n")
+
+
+@pytest.mark.parametrize("kill_at", [20, NUM_STEPS], ids=["mid-run", "final step"])
+def test_sigkill_between_a_checkpoint_and_its_measurement_then_resume_measures_that_step(uninterrupted, tmp_path,
+                                                                                        kill_at):
+    # Evaluated steps save their checkpoint before the gradient measurement.
+    args = command(tmp_path)[3:] + ["--config.eval_every_steps=10", "--config.analysis_every_steps=10",
+                                    "--config.analysis_batch_size=4"]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_MEASUREMENT, str(kill_at), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert max(int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit()) == kill_at
+    assert kill_at not in [r["step"] for r in read_analysis(tmp_path)]
+    resumed = subprocess.run(command(tmp_path)[:3] + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from checkpoint {kill_at}" in resumed.stdout
+    assert [r["step"] for r in read_analysis(tmp_path)] == [0, 10, 20, 30, 40]
     assert_bitwise_equal(final_state(tmp_path)[0], uninterrupted[0])

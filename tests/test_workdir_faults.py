@@ -1,6 +1,6 @@
-"""Fault injection on a run's workdir: every way a run could be lost, mixed or misreported,
-made to happen for real (signals sent to the process, a full or read-only file system, a
-second process) at the awkward moments, not only between steps.
+"""Fault injection on a run's workdir: every way a run or its records could be lost, mixed or
+misreported, made to happen for real (signals sent to the process, a full or read-only file
+system, a second process, a torn line) at the awkward moments, not only between steps.
 
 The cases that already held before (SIGKILL anywhere then resume: tests/test_train_resume.py;
 a truncated checkpoint moved aside, a NaN stop, a changed learning rate refused:
@@ -25,7 +25,8 @@ from jaxres.train import NonFiniteLossError, train_and_evaluate
 from jaxres.train import loop
 from jaxres.train.loop import Run
 from jaxres.train.metrics import MetricsWriter
-from jaxres.files import read_jsonl
+from jaxres.analysis.monitor import read_analysis
+from jaxres.files import JsonlAppender, read_jsonl
 from jaxres.workdir import CheckpointMismatchError, Workdir, WorkdirBusyError, find_checkpoint, is_workdir_layout
 from tests.test_train_loop import CONFIG, assert_trees_equal, final_tree, tiny_config
 
@@ -110,6 +111,33 @@ def test_num_steps_is_part_of_a_cosine_recipe_only(finished, tmp_path):
 
 # -- SIGTERM always leaves the checkpoint it announces --------------------------------------------
 
+class Killed(BaseException):
+    """An in-process SIGKILL at an exact moment: it unwinds through `finally` blocks, which close
+    files but write no record, so the workdir is left as a real kill there would leave it
+    (tests/test_train_resume.py does it with real SIGKILLs)."""
+
+
+def killed_during(monkeypatch, owner, name, when=lambda *a, **k: True, after=False):
+    """Makes `owner.name` raise Killed when `when(*args)` holds (once): before the call, or
+    `after` it has returned."""
+    original = getattr(owner, name)
+    done = []
+
+    def wrapped(*args, **kwargs):
+        hit = not done and when(*args, **kwargs)
+        if hit and not after:
+            done.append(True)
+            raise Killed(name)
+        result = original(*args, **kwargs)
+        if hit:
+            done.append(True)
+            raise Killed(name)
+        return result
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return done
+
+
 def sigterm_during(monkeypatch, owner, name, when=lambda *a, **k: True):
     """Sends this process a real SIGTERM from inside `owner.name` (once, when `when` holds)."""
     original = getattr(owner, name)
@@ -164,6 +192,63 @@ def test_sigterm_to_a_real_process_whose_log_and_checkpoint_intervals_differ(tmp
     assert (tmp_path / "checkpoints" / str(step) / "state").is_dir(), (step, os.listdir(tmp_path / "checkpoints"))
 
 
+def train_lines(workdir):
+    return [r for r in read_jsonl(Path(workdir) / "metrics.jsonl") if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory):
+    """An uninterrupted 8-step run logging every 4 steps: the windows to compare with."""
+    workdir = tmp_path_factory.mktemp("windows")
+    train_and_evaluate(tiny_config(num_steps=8, log_every_steps=4, checkpoint_every_steps=8), workdir, **QUIET)
+    return train_lines(workdir)
+
+
+@pytest.mark.parametrize("stop_at", [6, 1], ids=["mid-window", "first step"])
+def test_a_window_cut_by_sigterm_says_how_many_steps_each_line_averages(windows, monkeypatch, tmp_path, stop_at):
+    # Logs every 4 steps; SIGTERM at step `stop_at` logs and saves there, and the resumed run's
+    # first window starts after it: both lines are shorter than 4 steps and say so.
+    config = tiny_config(num_steps=8, log_every_steps=4, checkpoint_every_steps=8)
+    sigterm_during(monkeypatch, loop.StopSignal, "poll", lambda self, step: step == stop_at)
+    assert train_and_evaluate(config, tmp_path, **QUIET)["step"] == stop_at
+    monkeypatch.undo()
+    train_and_evaluate(config, tmp_path, **QUIET)
+    lines = train_lines(tmp_path)
+    assert all(isinstance(r["steps"], int) for r in lines + windows)
+    assert [r["steps"] for r in windows] == [4, 4]
+    # each line covers steps (step - steps, step]: together they tile the run once
+    covered = [s for r in lines for s in range(r["step"] - r["steps"] + 1, r["step"] + 1)]
+    assert covered == list(range(1, 9))
+    # a reader weighting the lines by `steps` recovers the uninterrupted window means
+    for window in windows:
+        parts = [r for r in lines if window["step"] - window["steps"] < r["step"] <= window["step"]]
+        mean = sum(r["loss"] * r["steps"] for r in parts) / sum(r["steps"] for r in parts)
+        assert mean == pytest.approx(window["loss"], rel=1e-6)
+    assert len(lines) == 3  # one window was cut in two
+
+
+SIGTERM_DURING_START = ("import os, signal, sys\n"
+                        "import jaxres.train\n"
+                        "load_config = jaxres.train.load_config\n"
+                        "def sigterm_then_load(*args):\n"
+                        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                        "    return load_config(*args)\n"
+                        "jaxres.train.load_config = sigterm_then_load\n"
+                        "from jaxres.cli import main\n"
+                        "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_stops_before_the_first_step_and_exits_0(tmp_path):
+    # The signal arrives while `jaxres train` reads its config, before JAX is set up.
+    done = subprocess.run([sys.executable, "-c", SIGTERM_DURING_START, "train", "--config", CONFIG,
+                           "--workdir", str(tmp_path), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "SIGTERM before the first step: nothing trained, nothing new to save (no checkpoint yet)" in done.stdout
+    assert not (tmp_path / "checkpoints").exists()
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["event"] == "stopped by SIGTERM before the first step"
+
+
 # -- one trainer per workdir ----------------------------------------------------------------------
 
 HOLD = ("import sys, time; from jaxres.workdir import Workdir\n"
@@ -205,6 +290,50 @@ def test_a_metrics_file_deleted_during_the_run_is_recreated(monkeypatch, tmp_pat
     assert [r["step"] for r in records if r["split"] == "train"] == [3, 4]
 
 
+# -- a torn last line is set aside, never glued to the next record ---------------------------------
+
+def test_a_torn_last_line_is_moved_aside_and_reported_before_appending(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "split": "train"}\n{"step": 2, "spl')  # a kill mid-line
+    reports = []
+    lines = JsonlAppender(path, report=reports.append)
+    lines.write({"step": 3, "split": "train"})
+    lines.close()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 3]
+    assert path.read_text().count("\n") == 2  # every line whole
+    kept = list(tmp_path.glob("log.jsonl.torn-*"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"step": 2, "spl'
+    assert "last line was torn (16 bytes" in reports[0] and str(kept[0]) in reports[0]
+
+
+@pytest.mark.parametrize("ending, records, kept", [
+    ('{"step": 2}', [1, 2], None),  # a whole record that lost only its newline: completed in place
+    ("\0\0\0\0\n", [1], "\0\0\0\0\n"),  # zeros (a file extended but never written: a power loss)
+    ("", [1], None),  # nothing wrong
+])
+def test_only_a_last_line_that_is_not_a_record_is_set_aside(tmp_path, ending, records, kept):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n' + ending)
+    JsonlAppender(path, report=lambda *_: None).close()
+    assert path.read_text().endswith("\n") and [r["step"] for r in read_jsonl(path)] == records
+    assert [t.read_text() for t in tmp_path.glob("log.jsonl.torn-*")] == ([kept] if kept else [])
+
+
+def test_a_metrics_file_torn_by_a_kill_is_repaired_and_the_run_notes_it(tmp_path):
+    # Killed before its first checkpoint while writing a train line: the rerun starts again,
+    # sets the torn line aside and says so in the file, and no line is glued to another.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.3}\n{"step": 2, "split": "tra')
+    messages = []
+    train_and_evaluate(tiny_config(), tmp_path, report=messages.append)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert all(json.loads(line) for line in text.splitlines())  # every line parses: nothing glued
+    kept = list(tmp_path.glob("metrics.jsonl.torn-*"))
+    assert [k.read_text() for k in kept] == ['{"step": 2, "split": "tra']
+    assert any("last line was torn" in m for m in messages)
+    events = [r["event"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "event"]
+    assert any("last line was torn" in e and "metrics.jsonl.torn-" in e for e in events)
+
+
 # -- file-system faults: a full disk, a read-only workdir, a path that is a file ------------------
 
 def fill(directory):
@@ -238,6 +367,65 @@ def test_a_full_disk_during_a_checkpoint_stops_cleanly_and_the_run_resumes_bitwi
         assert main(["train", "--config", CONFIG, "--workdir", str(workdir), *TINY]) == 0
         assert "resumed from checkpoint 2" in capsys.readouterr().out
         assert_trees_equal(final_tree(workdir, finished[1], 4)[0], finished[2])
+
+
+def test_a_full_disk_at_start_names_the_file_that_could_not_be_written(tmp_path, capsys):
+    with small_filesystem(tmp_path / "fs") as fs:
+        (fs / "run").mkdir()
+        fill(fs)
+        assert main(["train", "--config", CONFIG, "--workdir", str(fs / "run"), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert f"could not write the trainer's PID to {fs / 'run' / '.lock'} (No space left on device)" in err, err
+        assert "Traceback" not in err
+
+
+FULL_DISK_DURING = ("import contextlib, os, sys\n"
+                    "from pathlib import Path\n"
+                    "from jaxres.cli import main\n"
+                    "from jaxres.train.metrics import MetricsWriter\n"
+                    "from jaxres.workdir import Workdir\n"
+                    "fs, owner, name, at, leave = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), "
+                    "int(sys.argv[5])\n"
+                    "owner = {'Workdir': Workdir, 'MetricsWriter': MetricsWriter}[owner]\n"
+                    "original = getattr(owner, name)\n"
+                    "def fill_then_call(self, step, *args, **kwargs):\n"
+                    "    if step == at and not (fs / 'filler').exists():\n"
+                    "        with open(fs / 'filler', 'wb') as f, contextlib.suppress(OSError):\n"
+                    "            while True:\n"
+                    "                f.write(bytes(4096)); f.flush()\n"
+                    "        os.truncate(fs / 'filler', max(0, (fs / 'filler').stat().st_size - leave))\n"
+                    "    return original(self, step, *args, **kwargs)\n"
+                    "setattr(owner, name, fill_then_call)\n"
+                    "sys.exit(main(sys.argv[6:]))\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("owner, name, at, leave", [
+    ("Workdir", "save", 4, 60_000),  # the disk fills while the final checkpoint is written
+    ("MetricsWriter", "write", 3, 0),  # full from step 3 on: whichever record is next fails
+], ids=["during a checkpoint", "mid-run"])
+def test_a_full_disk_mid_run_ends_in_one_line_naming_what_was_not_written(finished, tmp_path, capsys,
+                                                                            owner, name, at, leave):
+    # A real process: orbax's and tensorstore's threads, and what Python prints at exit, are seen.
+    with small_filesystem(tmp_path / "fs") as fs:
+        workdir = fs / "run"
+        args = ["train", "--config", CONFIG, "--workdir", str(workdir), *TINY, "--config.analysis_every_steps=2",
+                "--config.analysis_batch_size=4", "--config.analysis_bn=eval,batch"]
+        done = subprocess.run([sys.executable, "-c", FULL_DISK_DURING, str(fs), owner, name, str(at), str(leave), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+        err = done.stderr.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("jaxres train: error: could not write "), err[-3000:]
+        assert "No space left on device" in err and "latest: 2" in err, err
+        assert "saved checkpoint" not in done.stdout  # no false "saved"
+        with Workdir(workdir) as wd:
+            assert wd.steps() == [2]
+        (fs / "filler").unlink()
+        assert main(args) == 0
+        assert "resumed from checkpoint 2" in capsys.readouterr().out
+        assert_trees_equal(final_tree(workdir, finished[1], 4)[0], finished[2])
+        assert [(r["step"], r["bn"]) for r in read_analysis(workdir)] == [(s, b) for s in (0, 2, 4)
+                                                                          for b in ("eval", "batch")]
 
 
 def test_a_read_only_workdir_is_refused_before_training_and_can_still_be_evaluated(finished, tmp_path, capsys):

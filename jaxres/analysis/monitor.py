@@ -49,6 +49,7 @@ import dataclasses
 import json
 import math
 import operator
+import os
 import time
 from collections.abc import Mapping
 
@@ -60,7 +61,7 @@ from jaxres.analysis.endtoend import check_labels, end_to_end
 from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
 from jaxres.analysis.unit_groups import JacobianOptions, measure_group
 from jaxres.models.scan_layout import is_stacked
-from jaxres.files import JsonlAppender, read_jsonl, write_text_atomic
+from jaxres.files import FileWriteError, JsonlAppender, TensorBoardEvents, read_jsonl
 from jaxres.workdir import Workdir
 
 
@@ -214,11 +215,14 @@ class TrainingMonitor:
     uninterrupted one; TensorBoard events after it are purged. Records are kept unique by
     (step, bn) in any case: a step measured again replaces its record.
     cache: compiled unit code to share with other monitors of this process (default: a new
-    one). Bad arguments raise ValueError, an unwritable workdir OSError, here - before training.
+    one). Bad arguments raise ValueError, an unwritable workdir OSError, here - before training;
+    a record that cannot be written later raises `jaxres.files.FileWriteError` naming the file.
+    report: where a torn last line of analysis.jsonl, set aside on opening, is reported.
     """
 
     def __init__(self, model, images, labels, *, workdir, bn=("batch",), unit_jacobians: int = 0,
-                 resume_step: int | None = None, tensorboard: bool = True, cache: ReusedSegments | None = None):
+                 resume_step: int | None = None, tensorboard: bool = True, cache: ReusedSegments | None = None,
+                 report=print):
         self.model = model
         self.unit_names = check_unit_model(model)
         self.images, self.labels = check_probe(model, images, labels)
@@ -231,21 +235,21 @@ class TrainingMonitor:
         self.workdir = Workdir(workdir, create=True)  # OSError naming the fix when it cannot be written
         self.path = self.workdir.analysis_path
         try:
+            existed = self.path.exists()
+            self.lines = JsonlAppender(self.path, fsync=True, report=report)  # sets a torn last line aside
             kept = [r for r in read_analysis(workdir) if resume_step is None or r["step"] <= resume_step]
             self.records = _dedupe(kept)
-            if self.path.exists():  # drops later steps, duplicates and a torn last line
-                write_text_atomic(self.path, "".join(_line(r) for r in self.records))
-            self.lines = JsonlAppender(self.path, fsync=True)
+            if existed:  # drops later steps and duplicates
+                self.lines.rewrite(self.records, _line)
         except OSError as e:
-            raise OSError(e.errno, f"cannot rewrite or append to {self.path} ({e.strerror or e}); pass a "
-                                   f"writable workdir") from e
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise FileWriteError(e.errno, f"cannot rewrite or append to {self.path} ({reason}); pass a "
+                                          f"writable workdir") from e
         self.cache = ReusedSegments() if cache is None else cache
         self.tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(str(self.workdir.tensorboard_dir / "analysis"), purge_step=purge)
+            self.tb = TensorBoardEvents(self.workdir.tensorboard_dir / "analysis", purge_step=purge)
 
     def recorded_steps(self) -> set[int]:
         """Steps whose records exist for every policy of `bn` (a step cut short is not one)."""
@@ -302,10 +306,8 @@ class TrainingMonitor:
         records = [json_safe(r) for r in records]
         new = {(r["step"], r["bn"]) for r in records}
         if any((r["step"], r["bn"]) in new for r in self.records):  # measured again: replace
-            self.lines.close()
             self.records = [r for r in self.records if (r["step"], r["bn"]) not in new]
-            write_text_atomic(self.path, "".join(_line(r) for r in self.records))
-            self.lines = JsonlAppender(self.path, fsync=True)
+            self.lines.rewrite(self.records, _line)
         for record in records:
             self.lines.write(record)  # one line, flushed and fsynced
         self.records.extend(records)
@@ -320,13 +322,12 @@ class TrainingMonitor:
                 self._scalar(f"{prefix}/dL_dh/{unit}", value, step)
             for unit, value in record.get("unit_jacobian", {}).items():
                 self._scalar(f"{prefix}/sigma_max/{unit}", value["sigma_max"], step)
-            self.tb.add_image(f"{prefix}/log10_dL_dh_unit_by_step",
-                              gradient_map(self.records, record["bn"]), step, dataformats="HWC")
+            self.tb.add_image(f"{prefix}/log10_dL_dh_unit_by_step", gradient_map(self.records, record["bn"]), step)
         self.tb.flush()
 
     def _scalar(self, tag: str, value, step: int) -> None:
         """One finite scalar (records hold non-finite numbers as strings; those stay in the
-        JSON lines only, tensorboardX would warn about each)."""
+        JSON lines only; TensorBoard would show them as gaps or warn)."""
         value = float(value)
         if math.isfinite(value):
             self.tb.add_scalar(tag, value, step)

@@ -45,16 +45,26 @@ def find_pytree_dir(path) -> Path:
     )
 
 
+def stored_config(path) -> dict:
+    """The training config stored in a `jaxres train` checkpoint (PATH as for
+    `restore_variables`); {} for any other checkpoint."""
+    if not is_workdir_layout(path):
+        return {}
+    workdir, kind, step = find_checkpoint(path)
+    with workdir:
+        return _readable(path, lambda: workdir.stored_json(step, "config", kind), (workdir, kind, step))
+
+
 def restore_variables(path) -> dict:
     """`{"params": ..., "batch_stats": ...}` (batch_stats only if saved) from a checkpoint."""
     if is_workdir_layout(path):
         workdir, kind, step = find_checkpoint(path)
         with workdir:
-            return _readable(path, lambda: workdir.restore_variables(step, kind))
+            return _readable(path, lambda: workdir.restore_variables(step, kind), (workdir, kind, step))
     import orbax.checkpoint as ocp
 
     directory = find_pytree_dir(path).resolve()
-    tree = _readable(path, lambda: ocp.StandardCheckpointer().restore(directory))
+    tree = _readable(path, lambda: ocp.StandardCheckpointer().restore(directory), directory)
     if not isinstance(tree, dict) or "params" not in tree:
         keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
         raise ValueError(f"checkpoint {str(path)!r} has no top-level 'params' (found {keys}); "
@@ -62,15 +72,29 @@ def restore_variables(path) -> dict:
     return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
 
 
-def _readable(path, read):
-    """`read()`, with any failure to read the files turned into one message that names `path`."""
+def _readable(path, read, where):
+    """`read()`, with any failure to read the files turned into one message that names `path`,
+    the empty files in it (what a write cut short leaves: orbax writes none) and what to do.
+    `where`: the pytree's directory, or `(workdir, kind, step)` of a `jaxres train` checkpoint."""
     try:
         return read()
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({describe_error(err)}): its files "
-                         f"are damaged or it is not an orbax checkpoint") from None
+        reason = describe_error(err)
+    if isinstance(where, tuple):
+        workdir, kind, step = where
+        directory = workdir.directory(kind) / str(step)
+        earlier = [s for s in workdir.steps(kind) if s < step]
+        what = f"checkpoint {step} in {workdir.directory(kind)}"
+        fix = ((f"pass an earlier checkpoint ({workdir.directory(kind) / str(earlier[-1])}), or " if earlier else "")
+               + f"rerun `jaxres train --workdir {workdir.path}`, which sets it aside and resumes from the one before")
+    else:
+        directory, what = Path(where), f"checkpoint {str(path)!r}"
+        fix = "its files are damaged or it is not an orbax checkpoint: save it again"
+    empty = sorted(str(f) for f in directory.rglob("*") if f.is_file() and f.stat().st_size == 0)
+    found = f"; empty file{'s' if len(empty) > 1 else ''}: {', '.join(empty)}" if empty else ""
+    raise ValueError(f"{what} cannot be read ({reason}){found}; {fix}") from None
 
 
 def check_variables(model, variables, x, name: str = "model") -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from jaxres.analysis.segments import check_bn
+from jaxres.analysis.segments import BN_POLICIES, check_bn
 from jaxres.analysis.unit_groups import JacobianOptions
 from jaxres.choices import closest_names, pick
 from jaxres.models.layers import ACTIVATIONS, NORMS
@@ -77,6 +77,16 @@ class StudyConfig:
     float64: bool = False
 
     def __post_init__(self):
+        # An empty list (`--bn ""`, an unset shell variable) would measure nothing and fail only
+        # when plotting, after the study: refused before any work, naming the choices.
+        for field, option, choices in (
+                ("models", "--models", "a family (cifar_plain, cifar_resnet, ...) with --depths, or names from "
+                                       "`jaxres models`"),
+                ("norms", "--norm", ", ".join(NORMS)), ("activations", "--activation", ", ".join(ACTIVATIONS)),
+                ("bns", "--bn", ", ".join(BN_POLICIES))):
+            if isinstance(getattr(self, field), str) or not getattr(self, field):
+                raise ValueError(f"{field} ({option}) must be a non-empty list; got {getattr(self, field)!r}: "
+                                 f"name at least one of {choices}")
         for norm in self.norms:
             pick("normalization", norm, dict.fromkeys(NORMS))
         for act in self.activations:
@@ -124,6 +134,9 @@ def study_models(config: StudyConfig) -> list[StudyModel]:
             family = model_card(entry).family
             out.append(StudyModel(entry, family, _depth(entry)))
         elif entry in families:
+            if not config.depths:
+                raise ValueError(f"{entry} is a family, and depths (--depths) is empty: give its depths, e.g. "
+                                 f"--depths 20,56, or full names such as {entry}20")
             members = list_models(entry)
             for depth in config.depths:
                 name = f"{entry}{depth}"

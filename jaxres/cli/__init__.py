@@ -4,6 +4,21 @@ Each subcommand lives in its own module here, exposing `register(subparsers)`, w
 its parser and sets `run` as the parser's default `func(args) -> int`. Only the chosen
 subcommand's module is imported: the others (and JAX, which takes seconds to import) stay
 unloaded, so `jaxres --help` and `jaxres --version` answer at once.
+
+`main` is the one error boundary of every subcommand (`reported_error` holds the rule). An
+error written for people ends in one line, `jaxres COMMAND: error: MESSAGE`, and an exit status:
+
+- 2, the input is refused: ValueError, TypeError and OSError (an OS error names its file), their
+  jaxres subclasses (CheckpointMismatchError, CheckpointWriteError, ConversionError,
+  WeightsUnavailableError), an ImportError that jaxres raised with its own message, and a
+  missing optional dependency (named with the extra that installs it);
+- 1, a run failed as the library foresaw: any other exception class that jaxres defines
+  (WorkdirBusyError, NonFiniteLossError), whose message says what to do;
+- 130, interrupted (Ctrl-C): the subcommand's `on_interrupt` default says what rerunning does.
+
+Anything else (KeyError, IndexError, AttributeError, ZeroDivisionError, a RuntimeError from a
+dependency, ...) is a bug: bad input should have been refused with one of the errors above, so
+its traceback shows. Subcommands catch only what is theirs alone.
 """
 
 from __future__ import annotations
@@ -80,23 +95,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def reported_error(command: str, err: BaseException) -> tuple[str, int] | None:
+    """(the one line to print, the exit status) for an error written for people; None for a
+    bug, whose traceback should show (the rule is in the module docstring)."""
+    if isinstance(err, ImportError):
+        if err.name is None:  # raised by jaxres with its own message (the import system names the module)
+            return f"jaxres {command}: error: {err}", 2
+        message = missing_extra_message(command, err) if isinstance(err, ModuleNotFoundError) else None
+        return (message, 2) if message else None
+    if isinstance(err, (ValueError, TypeError, OSError)):
+        return f"jaxres {command}: error: {err}", 2
+    if type(err).__module__.split(".")[0] == "jaxres":
+        return f"jaxres {command}: error: {err}", 1
+    return None
+
+
+# What a subcommand that sets no `on_interrupt` default tells a user who pressed Ctrl-C.
+ON_INTERRUPT = "rerun the same command to start again"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = chosen_command(argv)
+    args = None
     try:
         args = build_parser(command).parse_args(argv)
         return args.func(args) or 0
-    except ModuleNotFoundError as err:
-        message = missing_extra_message(command or "", err)
-        if message is None:
+    except KeyboardInterrupt:
+        print(f"jaxres {command}: interrupted; {getattr(args, 'on_interrupt', ON_INTERRUPT)}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        reported = reported_error(command or "", err)
+        if reported is None:
             raise
-        print(message, file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, OSError) as err:
-        # Library errors are written for people, and an OS error (disk full, permissions) names
-        # its file: show the message, not a traceback.
-        print(f"jaxres {command}: error: {err}", file=sys.stderr)
-        return 2
+        print(reported[0], file=sys.stderr)
+        return reported[1]
 
 
 if __name__ == "__main__":

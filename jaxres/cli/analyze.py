@@ -32,16 +32,12 @@ def trained_as(checkpoint) -> dict:
     """For a `jaxres train` workdir (or its checkpoints), the study settings that rebuild the
     model as it was trained: its registry name, norm, activation and input channels, from the
     config stored in the checkpoint ({} for other checkpoints, or a model not in the registry)."""
+    from jaxres.analysis.restore import stored_config
     from jaxres.data import dataset_spec
-    from jaxres.workdir import find_checkpoint, is_workdir_layout
 
-    if not is_workdir_layout(checkpoint):
-        return {}
-    workdir, kind, step = find_checkpoint(checkpoint)
-    with workdir:
-        stored = workdir.stored_json(step, "config", kind)
+    stored = stored_config(checkpoint)
     overrides = stored.get("model_overrides") or {}
-    if stored.get("model") in ("ResNet", "VGG"):
+    if not stored or stored.get("model") in ("ResNet", "VGG"):
         return {}
     return {"models": stored["model"], "norm": overrides.get("norm", "batchnorm"),
             "activation": overrides.get("activation", "relu"),
@@ -112,13 +108,17 @@ def run(args) -> int:
 
     out = check_output_dir(args.out)  # before the study, which may take an hour
     trained = trained_as(args.checkpoint) if args.checkpoint else {}
+
+    def given(option, default):  # given empty (or 0), it stays so, for StudyConfig to refuse
+        return default if option is None else option
+
     config = study.StudyConfig(
-        models=_list(args.models or trained.get("models", DEFAULT_MODELS)), depths=_list(args.depths, int),
-        norms=_list(args.norm or trained.get("norm", "batchnorm,none")),
-        activations=_list(args.activation or trained.get("activation", "relu,tanh")), bns=_list(args.bn),
+        models=_list(given(args.models, trained.get("models", DEFAULT_MODELS))), depths=_list(args.depths, int),
+        norms=_list(given(args.norm, trained.get("norm", "batchnorm,none"))),
+        activations=_list(given(args.activation, trained.get("activation", "relu,tanh"))), bns=_list(args.bn),
         batch_size=args.batch_size, method=args.method, seed=args.seed, num_probes=args.num_probes,
         jacobian_units=args.jacobian_units, spectrum_max_dim=args.spectrum_max_dim,
-        in_channels=args.in_channels or trained.get("in_channels", 3), float64=args.float64,
+        in_channels=given(args.in_channels, trained.get("in_channels", 3)), float64=args.float64,
     )
     variables_for = None
     if args.checkpoint:

@@ -32,13 +32,6 @@ def _descriptor_for(model: str, source: Path):
 
 
 def run(args) -> int:
-    try:
-        return convert(args)
-    except ImportError as err:  # torch missing: a one-line error, not a traceback
-        raise ValueError(str(err)) from None
-
-
-def convert(args) -> int:
     if (args.source is None) == (args.weights is None):
         raise ValueError("give exactly one of --from FILE and --weights TAG (e.g. IMAGENET1K_V1)")
     out = Path(args.out)

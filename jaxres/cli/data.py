@@ -48,6 +48,8 @@ def run(args) -> int:
     try:
         return prepare(args.name, data_dir, args.manual_dir)
     except ModuleNotFoundError as err:
+        # A TFDS builder imports packages of its own dataset (apache_beam, ...), unknown to jaxres's
+        # extras: naming the one to install is this command's alone (jaxres.cli.main reports the rest).
         print(f"jaxres data: error: {err}", file=sys.stderr)
         return 2
 

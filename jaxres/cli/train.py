@@ -48,25 +48,22 @@ def register(subparsers) -> None:
                         help="config file and its argument, e.g. experiments/configs/cifar10.py:resnet56")
     parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and TensorBoard logs")
     accept_config_overrides(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, on_interrupt="rerun the same command to resume from the last checkpoint")
 
 
 def run(args) -> int:
-    from jaxres.train.distributed import initialize_distributed
-    from jaxres.train import NonFiniteLossError, apply_overrides, load_config, train_and_evaluate
-    from jaxres.workdir import WorkdirBusyError
+    from jaxres.preemption import StopSignal
 
-    config = apply_overrides(load_config(args.config), args.overrides)
-    # Multi-host jobs: JAXRES_COORDINATOR/NUM_PROCESSES/PROCESS_ID, or JAXRES_DISTRIBUTED=auto
-    # on clusters JAX detects; a single host does nothing.
-    initialize_distributed()
-    try:
-        summary = train_and_evaluate(config, args.workdir)
-    except (NonFiniteLossError, WorkdirBusyError) as err:
-        print(f"jaxres train: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("jaxres train: interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    # First thing, before JAX is imported (seconds): from here on a SIGTERM is a stop request that
+    # the training loop takes over (it stops before its first step, or saves after the current
+    # one, and exits 0), never the default kill.
+    with StopSignal():
+        from jaxres.train.distributed import initialize_distributed
+        from jaxres.train import apply_overrides, load_config, train_and_evaluate
+
+        config = apply_overrides(load_config(args.config), args.overrides)
+        # Multi-host jobs: JAXRES_COORDINATOR/NUM_PROCESSES/PROCESS_ID, or JAXRES_DISTRIBUTED=auto
+        # on clusters JAX detects; a single host does nothing.
+        initialize_distributed()
+        summary = train_and_evaluate(config, args.workdir)  # its errors: jaxres.cli.main reports them
     return 0 if summary["step"] >= config.num_steps or summary["stopped"] else 1

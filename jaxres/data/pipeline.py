@@ -101,6 +101,30 @@ class DevicePrefetch:
         self.iterator.set_state(state)
 
 
+def permuted_indices(num_examples: int, size: int, seed: int) -> np.ndarray:
+    """The first `size` indices of a permutation of range(`num_examples`) drawn from `seed`
+    (numpy PCG64): a fixed, seed-determined subset of a split."""
+    return np.random.default_rng(seed).permutation(num_examples)[:size]
+
+
+class SourceSubset:
+    """The examples of `source` at `indices` (in that order), as a random-access source (len,
+    [i] and bulk reads) that `eval_batches` and `train_dataset` take like any other."""
+
+    def __init__(self, source, indices):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[index])]
+
+    def __getitems__(self, indices) -> list[dict]:
+        return read_records(self.source, self.indices[np.asarray(indices, np.int64)])
+
+
 def probe_batch(source, *, transform: Callable, size: int, seed: int) -> dict:
     """A fixed batch of `size` examples of `source` for measuring a model during training
     (`jaxres.analysis.monitor`): the first `size` indices of a permutation of the split drawn
@@ -113,8 +137,7 @@ def probe_batch(source, *, transform: Callable, size: int, seed: int) -> dict:
     if len(source) < size:
         raise ValueError(f"probe batch of {size} examples needs a split with at least {size}; this one has "
                          f"{len(source)}: use a smaller probe batch (analysis_batch_size)")
-    indices = np.random.default_rng(seed).permutation(len(source))[:size]
-    return transform(read_records(source, indices))
+    return transform(read_records(source, permuted_indices(len(source), size, seed)))
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:

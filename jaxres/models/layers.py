@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+import numbers
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,26 @@ def check_num_classes_or_features(num_classes) -> None:
             f"num_classes must be a positive integer, or 0 for the pooled features without a "
             f"classifier; got {num_classes!r}"
         )
+
+
+def check_sizes(model: str, field: str, value, meaning: str, *, many: bool = False, empty_ok: bool = False) -> None:
+    """A size field of a model: a positive integer (`in_channels`), or with `many` a sequence of
+    them (`widths`, `stage_sizes`; empty only when `empty_ok`). Unchecked, a zero width ends in a
+    ZeroDivisionError inside an initializer, a negative one in an MLIRError from XLA, and no stage
+    at all in an IndexError."""
+    def positive(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+    if not many:
+        if not positive(value):
+            raise ValueError(f"{model} {field} must be a positive integer ({meaning}); got {field}={value!r}")
+        return
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{model} {field} must be a sequence of positive integers ({meaning}); got {field}={value!r}")
+    if not value and not empty_ok:
+        raise ValueError(f"{model} {field} is empty; it needs at least one entry ({meaning})")
+    if not all(positive(v) for v in value):
+        raise ValueError(f"{model} {field} must be positive integers ({meaning}); got {field}={value!r}")
 
 
 def probe(module: nn.Module, name: str, x: Array, enabled: bool) -> Array:

@@ -11,6 +11,7 @@ pre-activation output.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from jaxres.models.layers import (
     ACTIVATIONS,
     adaptive_avg_pool,
     check_num_classes_or_features,
+    check_sizes,
     check_study_switches,
     conv_def,
     norm_def,
@@ -126,11 +128,19 @@ class VGG(UnitModel):
         check_num_classes_or_features(self.num_classes)
         check_study_switches(self.activation, self.norm, self.kernel_init)
         if not self.layers or self.layers[0] == "M" or any(
-            not (v == "M" or (isinstance(v, int) and v > 0)) for v in self.layers
+            not (v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)) for v in self.layers
         ):
             raise ValueError(
                 f"VGG layers must be positive conv widths or 'M', starting with a conv; got {self.layers!r}"
             )
+        check_sizes("VGG", "in_channels", self.in_channels, "image channels: 3 for RGB, 1 for grayscale")
+        check_sizes("VGG", "pool_size", self.pool_size, "the side of the pooled map the classifier reads: 7 in "
+                    "torchvision, 1 for CIFAR")
+        check_sizes("VGG", "classifier_widths", self.classifier_widths, "hidden Dense layers, e.g. (4096, 4096), "
+                    "or () for none", many=True, empty_ok=True)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
+            raise ValueError(f"VGG dropout must be a probability in [0, 1) (torchvision: 0.5; 0: none); "
+                             f"got dropout={self.dropout!r}")
         super().__post_init__()
 
     def classifier_path(self) -> tuple[str, ...]:

@@ -47,13 +47,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_boundaries = ml_collections.ConfigDict({"32000": 0.1, "48000": 0.1})  # iteration -> factor
     c.decay_every_epochs = 30.0  # schedule="step"
     c.decay_factor = 0.1
-    c.warmup_steps = 0  # schedule="cosine"
+    c.warmup_steps = 0  # a linear warm-up over the first updates (any schedule; cosine's starts from 0)
+    c.optimizer = "sgd"  # "sgd" | "lars" (per-kernel trust ratio: every layer steps the same fraction of its norm)
+    c.trust_coefficient = 0.001  # lars only: a kernel's step before the learning rate, as a fraction of its norm
     # Gradient propagation measured during training (jaxres.analysis.monitor), on a fixed probe
-    # batch of the training split, at step 0, every `analysis_every_steps` and at the end.
+    # batch of the training split, at step 0, every `analysis_every_steps`, at each step of
+    # `analysis_steps` and at the end (jaxres.records); on when either of the two is set.
     c.analysis_every_steps = 0  # 0 = off
+    c.analysis_steps = ()  # extra steps to measure at, e.g. (1, 2, 4, 8, 16, 32, 64): early dynamics
     c.analysis_batch_size = 32  # probe examples (the first of a seed-fixed permutation of the train split)
     c.analysis_bn = "batch"  # BatchNorm policy: "batch" (as trained), "eval" (running statistics), "eval,batch"
     c.analysis_unit_jacobians = 0  # per-unit ||J||_F^2 and sigma_max on this many evenly spaced units
+    # At every evaluation, also the net in eval mode on this many training examples (metrics split
+    # "train_eval"): the first N of a permutation of the training split drawn from a fixed seed
+    # (jaxres.train.loop.TRAIN_EVAL_SEED), the same images for every run and seed. 0 = off.
+    c.train_eval_examples = 0
     # Bookkeeping.
     c.log_every_steps = 100
     c.eval_every_steps = 2000  # also at the end; 0 = only at the end
@@ -123,11 +131,32 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 FREE_FORM = {("model_overrides",), ("lr_boundaries",)}
 
 
+# The type a field's current value asks of a new one: (current type, accepted types, in words);
+# bool before int, which it subclasses.
+FIELD_TYPES = ((bool, (bool,), "True or False"), (int, (int,), "an integer"), (float, (int, float), "a number"),
+               (tuple, (tuple, list), "a tuple"))
+
+
+def check_field_type(dotted: str, current, value) -> None:
+    """Refuses a value of another type than the field's current one, naming both."""
+    for kind, accepted, words in FIELD_TYPES:
+        if isinstance(current, kind):
+            if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+                raise TypeError(f"--config.{dotted} must be {words} (it is {current!r} now); got {value!r}")
+            return
+
+
 def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     node = config
-    for name in parents:
+    for depth, name in enumerate(parents):
+        group = ".".join(parents[:depth + 1])
+        if name not in node:  # node is a ConfigDict: checked below for the next name
+            raise ValueError(f"config has no field {group!r}{closest_names(name, node.keys())}")
         node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ValueError(f"--config.{dotted}: {group} is a value ({node!r}), not a group of fields; "
+                             f"set it with --config.{group}=VALUE")
     if leaf not in node and tuple(parents) not in FREE_FORM:
         raise ValueError(f"config has no field {dotted!r}{closest_names(leaf, node.keys())}")
     current = node.get(leaf)
@@ -135,12 +164,30 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
         value = float(value)
     if isinstance(current, str) and not isinstance(value, str):
         value = str(value)
+    check_field_type(dotted, current, value)
     if isinstance(value, dict):
         value = ml_collections.ConfigDict(value)
     try:
         node[leaf] = value
     except TypeError as err:
         raise TypeError(f"--config.{dotted}: {err}") from None
+    if dotted.split(".")[0] == "lr_boundaries":
+        schedule_boundaries(config)  # refused now, not after the workdir is made
+
+
+def schedule_boundaries(config: ml_collections.ConfigDict) -> dict[int, float]:
+    """`config.lr_boundaries` as {iteration: factor}: its keys are iteration numbers written as
+    names ("32000"), its values the factors the learning rate is multiplied by there."""
+    boundaries = {}
+    for key, factor in config.lr_boundaries.items():
+        if not str(key).isdigit():
+            raise ValueError(f"lr_boundaries keys must be iteration numbers, e.g. --config.lr_boundaries.32000=0.1 "
+                             f"(in a config file: {{'32000': 0.1}}); got {key!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise ValueError(f"lr_boundaries.{key} must be a number, the factor of the learning rate from iteration "
+                             f"{key} on (e.g. 0.1); got {factor!r}")
+        boundaries[int(key)] = float(factor)
+    return boundaries
 
 
 def to_json(config: ml_collections.ConfigDict) -> dict:

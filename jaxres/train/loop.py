@@ -2,34 +2,42 @@
 
 It builds data -> model -> state from the config, resumes from the newest readable
 checkpoint in `workdir`, runs `train_step` through a parallel driver (jaxres.train.drivers: one
-device, pmap or jit+shard_map), evaluates on the full split,
-logs metrics, and checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM.
+device, pmap or jit+shard_map), evaluates on the full split (and on a fixed training subset),
+measures gradient propagation (jaxres.analysis.monitor) as `jaxres.records.RecordSchedule`
+says, logs metrics, and checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM.
 The state after step k depends only on (config, k): a run killed at any moment and
-restarted with the same command ends bitwise identical (on CPU) to an uninterrupted run.
+restarted with the same command ends bitwise identical (on CPU) to an uninterrupted run, and
+with the same records: a resumed run makes the records its restored step lacks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
-from typing import Callable
 
 import jax
 import numpy as np
 
 from jaxres import data, models
+from jaxres.files import FileWriteError
+from jaxres.preemption import StopSignal
+from jaxres.records import SCHEDULE_FIELDS, RecordSchedule, check_train_eval_examples, schedule_fields
 from jaxres.train import config as config_lib
 from jaxres.train import precision
 from jaxres.train.drivers import check_batch_size, make_driver
 from jaxres.train.metrics import MetricsWriter, StepTimer, summary_table
 from jaxres.train.optim import make_optimizer, make_schedule, schedule_reads_num_steps
 from jaxres.train.state import TrainState, abstract_train_state, checkpoint_tree, create_train_state
-from jaxres.workdir import CheckpointMismatchError, Workdir, describe_error, find_checkpoint
+from jaxres.workdir import CheckpointMismatchError, CheckpointWriteError, Workdir, describe_error, find_checkpoint
 
-# Fields that do not change the trajectory: a resumed run may change them.
-BOOKKEEPING = {"parallel", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "num_data_threads", "device_prefetch", "progress_bar", "num_steps", "data_dir", "eval_batch_size", "eval_split"}
+# Fields that do not change the trajectory: a resumed run may change them (the record schedule
+# among them: analysis_*, train_eval_examples).
+BOOKKEEPING = {"parallel", "keep_checkpoints", "num_data_threads", "device_prefetch", "progress_bar", "num_steps",
+               "data_dir", "eval_batch_size", "eval_split", *SCHEDULE_FIELDS}
+# The fixed training subset evaluated at every evaluation (train_eval_examples): the first N of a
+# permutation of the training split drawn from this seed, not the run's, so that every run and
+# every seed is scored on the same images.
+TRAIN_EVAL_SEED = 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,13 +83,15 @@ class Run:
                                               self.data_dir, seed=config.seed) if need_train else None)
         self.eval_source = data.load_source(config.dataset, config.eval_split or self.spec.eval_split,
                                             self.data_dir, seed=config.seed)
+        self.train_eval_source = self._train_eval_source(config) if need_train else None
         num_train = len(self.train_source) if need_train else config.batch_size
         self.steps_per_epoch = max(1, num_train // config.batch_size)
         self.model = build_model(config, self.spec)
         self.schedule = make_schedule(config, self.steps_per_epoch)
         tx = make_optimizer(self.schedule, momentum=config.momentum, nesterov=config.nesterov,
                             weight_decay=config.weight_decay,
-                            exclude_bn_and_bias=config.weight_decay_exclude_bn_and_bias)
+                            exclude_bn_and_bias=config.weight_decay_exclude_bn_and_bias,
+                            optimizer=config.optimizer, trust_coefficient=config.trust_coefficient)
         parallel = config.parallel
         if parallel == "auto":
             parallel = "single" if jax.device_count() == 1 else "sharded"
@@ -95,6 +105,25 @@ class Run:
         loss_scale = precision.dynamic_loss_scale(config.loss_scale_initial) if config.dtype == "float16" else None
         build_state = create_train_state if need_train else abstract_train_state
         self.state = build_state(self.model, tx, jax.random.PRNGKey(config.seed), shape, loss_scale)
+
+    def _train_eval_source(self, config):
+        """The first `train_eval_examples` of a TRAIN_EVAL_SEED permutation of the training split, or None."""
+        size = check_train_eval_examples(config.get("train_eval_examples", 0))
+        if not size:
+            return None
+        if size > len(self.train_source):
+            raise ValueError(f"train_eval_examples {size} exceeds the {len(self.train_source)} examples of the "
+                             f"training split; use at most that many (0: off)")
+        return data.SourceSubset(self.train_source, data.permuted_indices(len(self.train_source), size,
+                                                                          TRAIN_EVAL_SEED))
+
+    def evaluation_sources(self) -> dict:
+        """{metrics split: source} of one evaluation: "eval" (the eval split) and, with
+        `train_eval_examples`, "train_eval" (the fixed training subset, evaluated the same way)."""
+        sources = {"eval": self.eval_source}
+        if self.train_eval_source is not None:
+            sources["train_eval"] = self.train_eval_source
+        return sources
 
     def train_batches(self):
         ds = data.train_dataset(self.train_source, batch_size=self.config.batch_size // self.process_count,
@@ -116,12 +145,14 @@ class Run:
         batch = data.probe_batch(self.train_source, transform=self.eval_transform, size=size, seed=self.config.seed)
         return batch["image"], batch["label"]
 
-    def evaluate(self, state: TrainState) -> dict:
-        """Loss and accuracy over every example of the eval split (padded, masked batches);
-        `state` is in the driver's device layout."""
+    def evaluate(self, state: TrainState, source=None) -> dict:
+        """Loss and accuracy over every example of `source` (default: the eval split), in eval
+        mode (running BatchNorm statistics, eval transform; padded, masked batches); `state` is in
+        the driver's device layout."""
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         # One host sync at the end: the host prepares the next batch while the devices compute.
-        batches = data.eval_batches(self.eval_source, batch_size=self.config.eval_batch_size,
+        batches = data.eval_batches(self.eval_source if source is None else source,
+                                    batch_size=self.config.eval_batch_size,
                                     transform=self.eval_transform, num_threads=self.config.num_data_threads)
         per_batch = [self.driver.eval_step(state, self.driver.put_batch(batch)) for batch in batches]
         for sums in jax.device_get(per_batch):
@@ -133,8 +164,11 @@ class Run:
 
 def check_resumable(saved: dict, config, workdir) -> None:
     """Refuses to continue a run whose trajectory-defining fields differ from `config`:
-    everything but the bookkeeping fields, and `num_steps` when the schedule reads it."""
+    everything but the bookkeeping fields, and `num_steps` when the schedule reads it. A field
+    that a run saved by an older jaxres lacks counts as its default (`base_config`), the value
+    that run trained with."""
     now = config_lib.to_json(config)
+    saved = {**config_lib.to_json(config_lib.base_config()), **saved}
     free = BOOKKEEPING - ({"num_steps"} if schedule_reads_num_steps(config) else set())
     changed = [k for k in sorted(set(now) | set(saved)) if k not in free and saved.get(k) != now.get(k)]
     if not changed:
@@ -150,41 +184,6 @@ def check_resumable(saved: dict, config, workdir) -> None:
         f"new config: --workdir NEW --config.init_from={workdir}")
 
 
-class StopSignal:
-    """SIGTERM as a stop request that the loop reads between steps (then it saves and exits).
-
-    One process: a handler turns the signal into the flag `received`. A multi-process job
-    passes `synced_stop` (orbax's `reached_preemption(step)`): JAX's preemption service, started
-    by `jax.distributed.initialize`, catches the SIGTERM on any host and agrees with the others
-    on a step, so that every host saves the same checkpoint; its handler is left in place.
-    """
-
-    def __init__(self, synced_stop: Callable[[int], bool] | None = None):
-        self.synced_stop = synced_stop
-        self.received = False
-        self.previous = None
-
-    def __enter__(self):
-        if self.synced_stop is None:
-            try:
-                self.previous = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                self.previous = None
-        return self
-
-    def poll(self, step: int) -> None:
-        """Called after every step (orbax's sync point must see each step on every host)."""
-        if self.synced_stop is not None and self.synced_stop(step):
-            self.received = True
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 all_finite = jax.jit(precision.all_finite)
 
 
@@ -194,14 +193,20 @@ def _due(step: int, every: int) -> bool:
 
 def train_and_evaluate(config, workdir, *, report=print) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns a summary
-    dict: final step, last train metrics, final and best eval metrics, wall time, stopped
-    (True after SIGTERM). Raises NonFiniteLossError on a NaN/inf loss, WorkdirBusyError when
-    another process trains in `workdir`, CheckpointMismatchError when it holds another run."""
+    dict: final step, last train metrics, final eval (and train_eval) and best eval metrics, wall
+    time, stopped (True after SIGTERM). Raises NonFiniteLossError on a NaN/inf loss,
+    WorkdirBusyError when another process trains in `workdir`, CheckpointMismatchError when it
+    holds another run, CheckpointWriteError / RecordWriteError when a checkpoint or a record
+    cannot be written (naming the file and the latest intact checkpoint). SIGTERM, from the
+    start on (or already held by a caller's StopSignal, as `jaxres train` installs one first
+    thing), stops it with a checkpoint of the last step trained."""
     t0 = time.time()
+    schedule = RecordSchedule.from_config(config)  # a bad schedule is refused before the workdir is made
     wd = Workdir(workdir, create=True, keep=config.keep_checkpoints)
     # One trainer per workdir; in a multi-host job process 0 holds the lock for all.
-    with (wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()), wd:
-        summary = _train(config, wd, report)
+    with (wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()), wd, \
+            StopSignal(wd.reached_preemption if jax.process_count() > 1 else None) as stop:
+        summary = _train(config, wd, schedule, stop, report)
     summary["wall_time_s"] = time.time() - t0
     report(format_summary(config, summary))
     return summary
@@ -223,7 +228,7 @@ def _start_state(config, wd: Workdir, run: Run, report):
     return None, "", False
 
 
-def _train(config, wd: Workdir, report) -> dict:
+def _train(config, wd: Workdir, schedule: RecordSchedule, stop: StopSignal, report) -> dict:
     run = Run(config)
     state = run.state
     batches = run.train_batches()
@@ -237,20 +242,23 @@ def _train(config, wd: Workdir, report) -> dict:
         report(how)
     best_eval = wd.best_eval(report) if resumed else None
     primary = run.process_index == 0
+    step = int(state.step)
     if primary:
         wd.write_config(config.to_json(indent=2))
-    writer = MetricsWriter(wd.path) if primary else None
-    step = int(state.step)
-    if writer and restored is not None:
-        writer.event(step, how)
+    writer = MetricsWriter(wd.path, purge_step=step + 1, report=report) if primary else None
+    if writer:
+        # At every start: the records after this line are made under this schedule, and lines
+        # written before it at later steps were a killed attempt's (readers drop them).
+        writer.event(step, how or f"started at step {step}", start=True, schedule=schedule_fields(config_json))
     # Records past the starting step are a killed run's: dropped, so that a resumed run ends with
     # the records of an uninterrupted one.
-    monitor = _make_monitor(config, run, wd, resume_step=step) if primary else None
+    monitor = _make_monitor(config, schedule, run, wd, resume_step=step, report=report) if primary else None
 
     driver = run.driver
     state = driver.put_state(state)
     batches = data.DevicePrefetch(batches, driver.put_batch, size=config.device_prefetch)
-    pending, last_train, last_eval, stopped, saved_at = [], {}, None, False, None
+    pending, last_train, last_eval, last_train_eval, stopped = [], {}, None, None, False
+    saved_at = step if resumed else None  # the restored checkpoint is on disk
     timer = StepTimer(config.batch_size)
 
     def flush():
@@ -266,6 +274,8 @@ def _train(config, wd: Workdir, report) -> dict:
                 stop_non_finite(f"loss is {float(m['loss'])} at step {first + offset}")
         # window means, except the count of float16 steps skipped for overflowing gradients
         last_train = {k: float((np.sum if k == "skipped" else np.mean)([m[k] for m in values])) for k in values[0]}
+        # the steps averaged (first..step): fewer than log_every_steps after a start or before a stop
+        last_train["steps"] = len(values)
         last_train["learning_rate"] = float(run.schedule(step - 1))
         last_train.update(throughput)
         if writer:
@@ -294,8 +304,24 @@ def _train(config, wd: Workdir, report) -> dict:
         if saved_at == step:
             return
         with timer.paused(state):
+            if writer:
+                writer.sync()  # the lines a checkpoint covers are durable before it is
             wd.save(step, host_tree(), batches.get_state(), config_json, eval_metrics)
         saved_at = step
+
+    def evaluate(splits):
+        """Evaluates the state on `splits` ("eval", "train_eval") and logs each line."""
+        nonlocal last_eval, last_train_eval
+        with timer.paused(state):
+            for split, source in run.evaluation_sources().items():
+                if split in splits:
+                    result = run.evaluate(state, source)
+                    if writer:
+                        writer.write(step, split, result)
+                    if split == "eval":
+                        last_eval = result
+                    else:
+                        last_train_eval = result
 
     def measure():
         nonlocal monitor
@@ -304,6 +330,8 @@ def _train(config, wd: Workdir, report) -> dict:
         try:
             with timer.paused(state):
                 monitor.measure(step, run.analysis_variables(driver.get_state(state)))
+        except FileWriteError:
+            raise  # a record that cannot be written stops the run (below); a failed measurement does not
         except Exception as err:  # noqa: BLE001 - a failed measurement never costs the training run
             report(f"analysis at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
             if writer:
@@ -311,16 +339,36 @@ def _train(config, wd: Workdir, report) -> dict:
             monitor.close()
             monitor = None
 
+    def complete_restored_step():
+        """The records the schedule wants at the restored step that are not on disk (a kill
+        between its checkpoint and them, or a schedule that now asks for more): made now."""
+        missing = schedule.wanted(step) - wd.records_at(step)
+        if missing & set(schedule.eval_splits):
+            evaluate(missing)
+        if schedule.measures(step):
+            measure()
+
     from tqdm.auto import tqdm
 
     progress = tqdm(total=config.num_steps, initial=step, disable=not config.progress_bar, unit="step",
                     dynamic_ncols=True, desc="compiling" if step < config.num_steps else None)
     try:
-        with StopSignal(wd.reached_preemption if jax.process_count() > 1 else None) as stop:
-            if not resumed:  # a new run's first state (step 0, or init_from's)
-                measure()
+        try:
+            if not stop.received:
+                if resumed:
+                    complete_restored_step()
+                else:  # a new run's first state (step 0, or init_from's)
+                    measure()
+            if stop.received:  # during start-up: nothing trained by this process, nothing new to save
+                stopped = True
+                latest = wd.latest_step()
+                report(f"SIGTERM before the first step: nothing trained, nothing new to save "
+                       + (f"(latest checkpoint: {latest} in {wd.directory()}); rerun the same command to resume"
+                          if latest is not None else "(no checkpoint yet); rerun the same command to start"))
+                if writer:
+                    writer.event(step, "stopped by SIGTERM before the first step")
             compiled = False
-            while step < config.num_steps:
+            while step < config.num_steps and not stopped:
                 state, metrics = driver.train_step(state, next(batches))
                 step += 1
                 if compiled:
@@ -333,20 +381,19 @@ def _train(config, wd: Workdir, report) -> dict:
                 progress.update(1)
                 stop.poll(step)
                 final = step == config.num_steps
-                evaluate = final or _due(step, config.eval_every_steps)
-                if (_due(step, config.log_every_steps) or evaluate or final or stop.received
+                evaluating = schedule.evaluates(step)  # every eval_every_steps and the final step
+                if (_due(step, config.log_every_steps) or evaluating or stop.received
                         or _due(step, config.checkpoint_every_steps)):
                     flush()
                     progress.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
-                if evaluate:
-                    with timer.paused(state):
-                        last_eval = run.evaluate(state)
-                        if writer:
-                            writer.write(step, "eval", last_eval)
+                if evaluating:
+                    evaluate(schedule.eval_splits)
                     if best_eval is None or last_eval["accuracy"] >= best_eval["accuracy"]:
                         best_eval = dict(last_eval, step=step)  # orbax's BestN keeps the latest of equals
                     save(last_eval)
-                if final or _due(step, config.analysis_every_steps):
+                # At an evaluated step the measurement follows the checkpoint: a kill between them is
+                # made good on resume (complete_restored_step).
+                if schedule.measures(step):
                     measure()
                 # Read the flag only now: a SIGTERM that arrived during the eval, the measurement or
                 # a save above gets its checkpoint at this step.
@@ -358,6 +405,10 @@ def _train(config, wd: Workdir, report) -> dict:
                     if writer:
                         writer.event(step, "stopped by SIGTERM")
                     break
+        except FileWriteError as err:
+            if isinstance(err, CheckpointWriteError):
+                raise
+            raise wd.record_write_failed(err, step) from err
         if last_eval is None and not stopped:  # resumed a finished run: evaluate it again
             last_eval = run.evaluate(state)
     finally:
@@ -367,21 +418,21 @@ def _train(config, wd: Workdir, report) -> dict:
         if monitor is not None:
             monitor.close()
 
-    return {"step": step, "train": last_train, "eval": last_eval, "best_eval": best_eval, "stopped": stopped,
-            "workdir": str(wd.path)}
+    return {"step": step, "train": last_train, "eval": last_eval, "train_eval": last_train_eval,
+            "best_eval": best_eval, "stopped": stopped, "workdir": str(wd.path)}
 
 
-def _make_monitor(config, run: Run, wd: Workdir, resume_step):
+def _make_monitor(config, schedule: RecordSchedule, run: Run, wd: Workdir, resume_step, report):
     """The gradient-propagation monitor of `config.analysis_*`, or None when it is off. Every
     check (probe batch size, the model's unit interface, a writable analysis file) happens here,
     before training starts."""
-    if config.analysis_every_steps <= 0:
+    if not schedule.monitor_on:
         return None
     from jaxres.analysis.monitor import TrainingMonitor
 
     images, labels = run.probe_batch(config.analysis_batch_size)
     return TrainingMonitor(run.analysis_model(), images, labels, workdir=wd.path, bn=config.analysis_bn,
-                           unit_jacobians=config.analysis_unit_jacobians, resume_step=resume_step)
+                           unit_jacobians=config.analysis_unit_jacobians, resume_step=resume_step, report=report)
 
 
 def format_summary(config, summary: dict) -> str:
@@ -394,6 +445,8 @@ def format_summary(config, summary: dict) -> str:
         rows.append(("train loss (last window)", f"{summary['train']['loss']:.4f}"))
     if summary["eval"]:
         rows += [("eval loss", f"{summary['eval']['loss']:.4f}"), ("eval accuracy", pct(summary["eval"]))]
+    if summary.get("train_eval"):
+        rows.append(("train-subset accuracy (eval mode)", pct(summary["train_eval"])))
     if summary["best_eval"]:
         rows.append(("best eval accuracy", f"{pct(summary['best_eval'])} at step {summary['best_eval']['step']}"))
     rows += [("wall time", f"{summary['wall_time_s']:.1f} s"), ("workdir", summary["workdir"])]

@@ -1,43 +1,52 @@
 """Where metrics go: a JSON-lines file and TensorBoard event files in the work dir, plus
-the final summary table printed at the end of a run."""
+the final summary table printed at the end of a run and the step timer of a logging window."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from pathlib import Path
 
-from jaxres.files import JsonlAppender
+from jaxres.files import JsonlAppender, TensorBoardEvents
+from jaxres.workdir import Workdir
 
 
 class MetricsWriter:
-    """Appends `{"step": s, "split": "train"|"eval", "time": t, name: value...}` lines to
-    `<workdir>/metrics.jsonl` and the same scalars to TensorBoard under `<workdir>/tensorboard`
-    (tags `train/loss`, `eval/accuracy`, ...). Appending keeps the history of resumed runs;
-    steps replayed after a resume appear twice, the later line being the one that counts."""
+    """Appends `{"step": s, "split": "train"|"eval"|"train_eval", "time": t, name: value...}` lines
+    to the workdir's metrics.jsonl and the same scalars to TensorBoard under its `tensorboard/`
+    (tags `train/loss`, `eval/accuracy`, ...), each written unbuffered in this thread. Appending
+    keeps the history of resumed runs; steps replayed after a resume appear twice, the later line
+    being the one that counts. Opening sets a torn last line aside (`JsonlAppender`), noted in an
+    event line; a failed write raises `FileWriteError` naming the file.
+    purge_step: a resumed run's first step, for TensorBoard (it hides earlier files' events
+    from there on)."""
 
-    def __init__(self, workdir, *, tensorboard: bool = True):
-        self.path = Path(workdir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lines = JsonlAppender(self.path)  # one line per write: a kill loses at most a line
-        self.tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+    def __init__(self, workdir, *, tensorboard: bool = True, purge_step: int | None = None, report=print):
+        layout = Workdir(workdir, create=True)
+        self.path = layout.metrics_path
+        # one line per write: a kill loses at most a line, and the next run sets a torn one aside
+        self.lines = JsonlAppender(self.path, report=report, note=self._note)
+        self.tb = TensorBoardEvents(layout.tensorboard_dir, purge_step=purge_step) if tensorboard else None
 
-            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    @staticmethod
+    def _note(record: dict, text: str) -> dict:
+        return {"step": record.get("step"), "split": "event", "time": round(time.time(), 3), "event": text}
 
     def write(self, step: int, split: str, scalars: dict) -> None:
-        values = {k: float(v) for k, v in scalars.items()}
+        values = {k: v if isinstance(v, int) and not isinstance(v, bool) else float(v) for k, v in scalars.items()}
         record = {"step": int(step), "split": split, "time": round(time.time(), 3), **values}
         self.lines.write({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()})
         if self.tb is not None:
             for name, value in values.items():
                 self.tb.add_scalar(f"{split}/{name}", value, int(step))
 
-    def event(self, step: int, text: str) -> None:
-        """A non-scalar line (resumed, stopped, ...) in the JSONL file."""
-        self.lines.write({"step": int(step), "split": "event", "time": round(time.time(), 3), "event": text})
+    def event(self, step: int, text: str, **fields) -> None:
+        """A non-scalar line (started, resumed, stopped, ...) in the JSONL file, with `fields`."""
+        self.lines.write({"step": int(step), "split": "event", "time": round(time.time(), 3), "event": text, **fields})
+
+    def sync(self) -> None:
+        """Makes the lines so far durable (before a checkpoint, so that none it covers is lost)."""
+        self.lines.sync()
 
     def close(self) -> None:
         self.lines.close()

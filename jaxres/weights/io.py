@@ -34,6 +34,12 @@ from flax import traverse_util
 FORMAT = "jaxres.weights"
 FORMAT_VERSION = "1"
 SUFFIX = ".safetensors"
+# The metadata a reader cannot do without, and what each says.
+REQUIRED_METADATA = {
+    "model": "the registry name the weights are for",
+    "num_classes": "the classifier's width",
+    "sha256": "the checksum of the tensors",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +142,16 @@ def read_weights_info(path: str | os.PathLike) -> WeightsInfo:
             f"{path} has jaxres weights format version {meta.get('format_version')!r}; this jaxres reads "
             f"version {FORMAT_VERSION}: upgrade jaxres"
         )
+    missing = [key for key in REQUIRED_METADATA if not meta.get(key)]
+    if missing:
+        raise ValueError(
+            f"{path} is marked as a jaxres weights file but its metadata has no {', '.join(missing)} "
+            f"({'; '.join(REQUIRED_METADATA[key] for key in missing)}): it was not written by "
+            f"jaxres.weights.save_weights or was edited; convert the original weights again (jaxres convert)"
+        )
+    if not meta["num_classes"].isdigit():
+        raise ValueError(f"{path}: its metadata's num_classes must be a whole number, got {meta['num_classes']!r}; "
+                         f"the file was edited: convert the original weights again (jaxres convert)")
     return WeightsInfo(
         path=path,
         model=meta["model"],
