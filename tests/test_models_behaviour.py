@@ -73,6 +73,20 @@ def test_zero_init_residual_makes_every_block_the_identity():
     np.testing.assert_array_equal(outputs["unit_1"], outputs["stem"])
 
 
+def test_zero_init_residual_without_normalization_zeroes_the_last_conv():
+    # SkipInit / Fixup: no BN scale to zero, so the branch's last conv starts at zero
+    model, variables = initialized(zero_init_residual=True, norm="none", stage_sizes=(2, 1, 1))
+    assert not np.any(variables["params"]["unit_2"]["conv2"]["kernel"])
+    assert np.any(variables["params"]["unit_2"]["conv1"]["kernel"])
+    _, outputs = model.apply(variables, X, capture=True)
+    np.testing.assert_array_equal(outputs["unit_2"], outputs["unit_1"])
+
+
+def test_zero_init_residual_on_a_plain_net_is_refused():
+    with pytest.raises(ValueError, match="plain twin \\(residual=False\\) has no shortcut"):
+        initialized(zero_init_residual=True, residual=False)
+
+
 def test_shortcut_and_residual_scaling():
     model, variables = initialized(activation="linear", shortcut_scale=0.5, residual_scale=0.25)
     _, outputs = model.apply(variables, X, capture=True)

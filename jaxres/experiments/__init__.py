@@ -3,6 +3,7 @@
 subcommand over it."""
 
 from jaxres.experiments.degradation import run_degradation
-from jaxres.experiments.degradation_plots import collect_runs, write_outputs
+from jaxres.experiments.degradation_plots import write_outputs
+from jaxres.experiments.degradation_results import collect
 
-__all__ = ["collect_runs", "run_degradation", "write_outputs"]
+__all__ = ["collect", "run_degradation", "write_outputs"]

@@ -1,15 +1,18 @@
 """The degradation experiment (He et al. 2015, arXiv 1512.03385, Fig. 1 and 6) on Fashion-MNIST,
-with gradient propagation measured during training.
+with gradient propagation measured during training and interventions on the deep plain net.
 
-`run_degradation(OUT)` trains each model of the grid with the recipe
-`experiments/configs/degradation.py` by `jaxres.train.train_and_evaluate`, one after the other
-in this process, each in its own ordinary `jaxres train` workdir `OUT/runs/<model>`: rerunning
-resumes an interrupted run and skips a finished one. After each run it rewrites the figures,
+`run_degradation(OUT)` trains every (condition, model, seed) of the grid (`plan`) with the
+recipe `experiments/configs/degradation.py` by `jaxres.train.train_and_evaluate`, one after
+the other in this process, seed by seed (a partial grid holds whole seeds), each in its own
+ordinary `jaxres train` workdir `OUT/runs/<condition>/<model>/seed<k>`: rerunning resumes an
+interrupted run and skips a finished one. After each run it rewrites the figures,
 results.md and results.json in OUT (`degradation_plots.write_outputs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -19,21 +22,104 @@ from jaxres.experiments import degradation_plots
 
 RECIPE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "degradation.py"
 MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")
-QUICK_MODELS = ("cifar_plain8", "cifar_plain20", "cifar_resnet8", "cifar_resnet20")
-QUICK_STEPS = 160
+QUICK_MODELS = ("cifar_plain8", "cifar_plain14", "cifar_resnet8", "cifar_resnet14")
+# skipinit (no BatchNorm, zero-init residual branches) is opt-in: --conditions ...,skipinit
+CONDITIONS = ("baseline", "warmup", "equalized", "delta_orthogonal", "textbook")
+SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)
+QUICK_STEPS = 64
+# --quick evaluates at half-time and at the end, the training error on 2,000 images
+QUICK_EVALUATIONS, QUICK_TRAIN_EVAL_EXAMPLES = 2, 2000
 DATASET = "fashion_mnist"
 DEBIAN_IDX_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
 
-def recipe(model: str, num_steps: int | None = None):
-    """The config of one run: `get_config("MODEL[,NUM_STEPS]")` of the recipe file."""
+@dataclasses.dataclass(frozen=True, order=True)
+class RunSpec:
+    """One training run of the grid: `condition` applied to `model`, trained with `seed`."""
+
+    seed: int
+    condition: str
+    model: str
+
+    @property
+    def name(self) -> str:
+        """Its path under OUT/runs: condition/model/seed<k>."""
+        return f"{self.condition}/{self.model}/seed{self.seed}"
+
+
+def recipe_module():
+    """The recipe file `experiments/configs/degradation.py` as a module (its CONDITIONS and checks)."""
+    if not RECIPE.is_file():
+        raise FileNotFoundError(f"the degradation recipe {RECIPE} is missing; run from a jaxres source checkout")
+    spec = importlib.util.spec_from_file_location("jaxres_degradation_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe(model: str, num_steps: int | None = None, condition: str = "baseline", seed: int = 0):
+    """The config of one run: `get_config("MODEL,CONDITION[,NUM_STEPS]")` of the recipe file, with `seed`."""
     from jaxres.train import load_config
 
     if not RECIPE.is_file():
         raise FileNotFoundError(f"the degradation recipe {RECIPE} is missing; run from a jaxres source checkout")
-    config = load_config(f"{RECIPE}:{model}" + (f",{num_steps}" if num_steps else ""))
+    config = load_config(f"{RECIPE}:{model},{condition}" + (f",{num_steps}" if num_steps else ""))
+    config.seed = seed
     config.progress_bar = sys.stderr.isatty()
     return config
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds`: "N" is N seeds (0 .. N-1); "a,b,c" (or "a," for one) is that list. A ValueError
+    for an empty or repeated list, or a negative seed."""
+    text = str(text).strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise ValueError(f"--seeds N needs N >= 1 (N seeds: 0 .. N-1), got {text!r}")
+        return tuple(range(int(text)))
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--seeds is a count N (seeds 0 .. N-1) or a comma-separated list of seeds >= 0 "
+                         f"(e.g. 0,1,2; one seed: 5,); got {text!r}")
+    seeds = tuple(int(p) for p in parts)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds lists seed {', '.join(map(str, repeated))} more than once: {text!r}")
+    return seeds
+
+
+def plan(models=MODELS, conditions=CONDITIONS, seeds=SEEDS) -> list[RunSpec]:
+    """The grid: the baseline on every model; every other condition on the deepest plain model
+    (conditions that need residual branches: the deepest residual model), with every seed;
+    ordered seed by seed. Bad names and combinations raise a ValueError before anything runs."""
+    recipe_file = recipe_module()
+    if not models:
+        raise ValueError("--models is empty: name at least one cifar_plainD / cifar_resnetD model")
+    if not conditions:
+        raise ValueError(f"--conditions is empty: name at least one of {', '.join(recipe_file.CONDITIONS)}")
+    for name in (*models, *conditions):
+        if (models + conditions).count(name) > 1:
+            raise ValueError(f"{name!r} is listed twice in --models / --conditions")
+    parsed = {m: recipe_file.parse_model(m) for m in models}  # (residual, depth)
+    runs = []
+    for condition in conditions:
+        if condition not in recipe_file.CONDITIONS:
+            raise ValueError(f"unknown degradation condition {condition!r} (valid: "
+                             f"{', '.join(recipe_file.CONDITIONS)})")
+        if condition == "baseline":
+            targets = list(models)
+        else:
+            residual = recipe_file.CONDITIONS[condition].models == "residual"
+            candidates = [m for m in models if parsed[m][0] == residual]
+            if not candidates:
+                raise ValueError(f"condition {condition!r} runs on the deepest {'residual' if residual else 'plain'} "
+                                 f"model of --models, and there is none in {', '.join(models)}")
+            targets = [max(candidates, key=lambda m: parsed[m][1])]
+        for model in targets:
+            recipe_file.check_condition(condition, model)
+            runs += [RunSpec(seed, condition, model) for seed in seeds]
+    return sorted(runs, key=lambda r: (r.seed, conditions.index(r.condition), models.index(r.model)))
 
 
 def ensure_dataset(data_dir: str, report=print) -> str:
@@ -53,51 +139,63 @@ def ensure_dataset(data_dir: str, report=print) -> str:
     return data_dir
 
 
-def finished_step(workdir) -> int | None:
-    """The step of the last evaluation in `workdir`'s metrics.jsonl (the loop evaluates at the
-    end of every run), or None."""
-    from jaxres.files import read_jsonl
+def progress(workdir: Path, config) -> tuple[bool, int | None]:
+    """(finished, step of the latest checkpoint or None) of the run of `config` in `workdir`:
+    finished when its final checkpoint and that step's records are on disk (`Workdir.finished`),
+    not when an eval line says so (one is written just before the checkpoint it belongs to)."""
+    from jaxres.workdir import Workdir
 
-    steps = [r["step"] for r in read_jsonl(Path(workdir) / "metrics.jsonl") if r.get("split") == "eval"]
-    return max(steps) if steps else None
+    if not workdir.is_dir():
+        return False, None
+    with Workdir(workdir) as wd:
+        return wd.finished(config), wd.latest_step()
 
 
 def check_same_length(workdir: Path, num_steps: int) -> None:
     """Refuses to continue a run planned with another number of steps: its schedule differs."""
-    saved = workdir / "config.json"
-    if saved.is_file():
+    from jaxres.workdir import Workdir
+
+    saved = Workdir(workdir).config_path if workdir.is_dir() else None
+    if saved is not None and saved.is_file():
         before = json.loads(saved.read_text()).get("num_steps")
         if before != num_steps:
             raise ValueError(f"{workdir} holds a run of {before} steps, not {num_steps}; rerun with "
                              f"--num-steps {before}, or choose another --out")
 
 
-def run_degradation(out_dir, *, models=MODELS, quick: bool = False, num_steps: int | None = None,
-                    plot_only: bool = False, data_dir: str = "", report=print) -> dict:
-    """Trains `models` (default: plain and residual nets of depth 20 and 56) on Fashion-MNIST
-    with one recipe, then writes OUT/degradation_errors.png, gradient_heatmaps.png,
-    gradient_ratio.png, response_std.png, results.md and results.json; returns the results.
+def run_degradation(out_dir, *, models=MODELS, conditions=CONDITIONS, seeds=SEEDS, quick: bool = False,
+                    num_steps: int | None = None, plot_only: bool = False, data_dir: str = "",
+                    report=print) -> dict:
+    """Trains the grid `plan(models, conditions, seeds)` on Fashion-MNIST, then writes the figures
+    and tables of `degradation_plots.write_outputs` into OUT; returns the results.
 
-    quick=True: depths 8 and 20 (unless `models` is given) for QUICK_STEPS steps, minutes on a
-    laptop CPU. `num_steps` overrides the recipe's length. The outputs cover every run under
-    OUT/runs, finished or partial; plot_only=True trains nothing and only writes them."""
+    quick=True: depths 8 and 14 (unless `models` is given) and seeds 0 and 1 (unless `seeds`
+    is given) for QUICK_STEPS steps, evaluated twice, minutes on a laptop CPU. `num_steps` overrides the
+    recipe's length. The outputs cover every run under OUT/runs, finished or partial;
+    plot_only=True trains nothing and only writes them."""
     out = Path(out_dir)
-    if quick and models == MODELS:
-        models = QUICK_MODELS
+    if quick:
+        models = QUICK_MODELS if tuple(models) == MODELS else models
+        seeds = QUICK_SEEDS if tuple(seeds) == SEEDS else seeds
+    models, conditions, seeds = tuple(models), tuple(conditions), tuple(seeds)
     num_steps = num_steps or (QUICK_STEPS if quick else None)
     results = None
     if plot_only:
         if not (out / "runs").is_dir():
             raise FileNotFoundError(f"{out / 'runs'} does not exist: nothing to plot; train first (without --plot-only)")
     else:
-        configs = {m: recipe(m, num_steps) for m in models}  # bad names fail before anything runs
+        grid = plan(models, conditions, seeds)
+        configs = {run: recipe(run.model, num_steps, run.condition, run.seed) for run in grid}
+        for config in configs.values() if quick else ():
+            config.eval_every_steps = max(1, config.num_steps // QUICK_EVALUATIONS)
+            config.train_eval_examples = QUICK_TRAIN_EVAL_EXAMPLES
         data_dir = ensure_dataset(data_dir, report)
-        for i, (model, config) in enumerate(configs.items()):
+        for i, (run, config) in enumerate(configs.items()):
             config.data_dir = data_dir
-            stopped = train_one(out, model, config, f"{i + 1}/{len(models)}", report)
+            stopped = train_one(out, run, config, f"{i + 1}/{len(grid)}", report)
             results = degradation_plots.write_outputs(out)  # figures so far, after every run
             if stopped:
-                report(f"stopped by SIGTERM during {model}; rerun the same command to continue")
+                report(f"stopped by SIGTERM during {run.name}; rerun the same command to continue")
                 break
     results = results or degradation_plots.write_outputs(out)
     report(degradation_plots.markdown_table(results))
@@ -105,22 +203,50 @@ def run_degradation(out_dir, *, models=MODELS, quick: bool = False, num_steps: i
     return results
 
 
-def train_one(out: Path, model: str, config, position: str, report) -> bool:
-    """Trains one run in OUT/runs/<model> unless it has finished; appends the invocation's wall
-    time to OUT/runs/wall_time.jsonl. Returns True when SIGTERM stopped it."""
-    from jaxres.train import train_and_evaluate
+def diverged(out: Path, run: RunSpec, num_steps: int) -> dict | None:
+    """The record of an earlier invocation in which `run` (of `num_steps` steps) diverged, if any:
+    rerunning would diverge again at the same step, so it is not retried."""
+    from jaxres.files import read_jsonl
 
-    workdir = out / "runs" / model
+    records = [r for r in read_jsonl(out / "runs" / degradation_plots.WALL_TIME_FILE)
+               if r.get("run") == run.name and r.get("num_steps") == num_steps and r.get("diverged")]
+    return records[-1] if records else None
+
+
+def train_one(out: Path, run: RunSpec, config, position: str, report) -> bool:
+    """Trains one run in OUT/runs/<condition>/<model>/seed<k> unless it has finished or diverged;
+    appends the invocation's wall time (and a divergence) to OUT/runs/wall_time.jsonl.
+    Returns True when SIGTERM stopped it."""
+    from jaxres.files import JsonlAppender
+    from jaxres.train import NonFiniteLossError, train_and_evaluate
+
+    workdir = out / "runs" / run.name
     check_same_length(workdir, config.num_steps)
-    done = finished_step(workdir)
-    if done is not None and done >= config.num_steps:
-        report(f"[{position}] {model}: finished ({done} steps) in {workdir}; not retrained")
+    finished, done = progress(workdir, config)
+    if finished:
+        report(f"[{position}] {run.name}: finished ({done} steps) in {workdir}; not retrained")
         return False
-    report(f"[{position}] {model}: training {config.num_steps} steps in {workdir}"
-           + (f" (resuming; last evaluation at step {done})" if done is not None else ""))
-    summary = train_and_evaluate(config, workdir, report=report)
-    record = {"model": model, "time": round(time.time(), 3), "step": summary["step"],
-              "wall_time_s": round(summary["wall_time_s"], 3), "stopped": summary["stopped"]}
-    with open(out / "runs" / degradation_plots.WALL_TIME_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    return summary["stopped"]
+    failed = diverged(out, run, config.num_steps)
+    if failed:
+        report(f"[{position}] {run.name}: diverged before ({failed['diverged']}); not retried")
+        return False
+    report(f"[{position}] {run.name}: training {config.num_steps} steps in {workdir}"
+           + (f" (resuming from checkpoint {done})" if done is not None else ""))
+    record = {"run": run.name, "condition": run.condition, "model": run.model, "seed": run.seed,
+              "num_steps": config.num_steps}
+    start = time.time()
+    try:
+        summary = train_and_evaluate(config, workdir, report=report)
+    except NonFiniteLossError as err:  # a finding, not a failure of the grid: recorded, and the grid goes on
+        report(f"[{position}] {run.name}: diverged: {err}")
+        record.update(time=round(time.time(), 3), wall_time_s=round(time.time() - start, 3), diverged=str(err))
+        summary = None
+    else:
+        record.update(time=round(time.time(), 3), step=summary["step"],
+                      wall_time_s=round(summary["wall_time_s"], 3), stopped=summary["stopped"])
+    lines = JsonlAppender(out / "runs" / degradation_plots.WALL_TIME_FILE, fsync=True)
+    try:
+        lines.write(record)
+    finally:
+        lines.close()
+    return bool(summary and summary["stopped"])

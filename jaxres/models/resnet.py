@@ -20,6 +20,7 @@ from jaxres.choices import pick
 from jaxres.models.layers import (
     ACTIVATIONS,
     check_num_classes_or_features,
+    check_sizes,
     check_study_switches,
     conv_def,
     max_pool_torch,
@@ -57,6 +58,7 @@ class Block(nn.Module):
     probes: bool = False  # see layers.probe
 
     expansion = 1
+    preactivated = False  # the branch ends in a conv, not a norm (He et al. 2016)
 
     def normalize(self, y, name: str, zero: bool = False):
         if self.norm is None:
@@ -64,6 +66,15 @@ class Block(nn.Module):
         if zero:  # Goyal et al. 2017 (arXiv 1706.02677): each block starts as the identity
             return self.norm(name=name, scale_init=nn.initializers.zeros)(y)
         return self.norm(name=name)(y)
+
+    def last_conv(self):
+        """The conv of the branch's last weight layer. With zero_init_last and no norm to zero
+        (no normalization, or a pre-activation block, whose branch ends in the conv), its kernel
+        starts at zero, so the block starts as the identity (Fixup, Zhang et al. 2019; SkipInit,
+        De & Smith 2020)."""
+        if self.zero_init_last and (self.norm is None or self.preactivated):
+            return functools.partial(self.conv, kernel_init=nn.initializers.zeros)
+        return self.conv
 
     def shortcut_path(self, x, preactivated=None):
         out = self.features * self.expansion
@@ -96,7 +107,7 @@ class BasicBlock(Block):
     def __call__(self, x):
         y = self.conv(self.features, (3, 3), self.strides, padding=pad(1), name="conv1")(x)
         y = self.act(probe(self, "layer1", self.normalize(y, "norm1"), self.probes))
-        y = self.conv(self.features, (3, 3), 1, padding=pad(1), name="conv2")(y)
+        y = self.last_conv()(self.features, (3, 3), 1, padding=pad(1), name="conv2")(y)
         y = probe(self, "layer2", self.normalize(y, "norm2", zero=self.zero_init_last), self.probes)
         return self.act(self.merge(self.shortcut_path(x), y))
 
@@ -113,7 +124,7 @@ class BottleneckBlock(Block):
         y = self.act(probe(self, "layer1", self.normalize(y, "norm1"), self.probes))
         y = self.conv(self.features, (3, 3), s3, padding=pad(1), name="conv2")(y)
         y = self.act(probe(self, "layer2", self.normalize(y, "norm2"), self.probes))
-        y = self.conv(self.features * 4, (1, 1), 1, padding=pad(0), name="conv3")(y)
+        y = self.last_conv()(self.features * 4, (1, 1), 1, padding=pad(0), name="conv3")(y)
         y = probe(self, "layer3", self.normalize(y, "norm3", zero=self.zero_init_last), self.probes)
         return self.act(self.merge(self.shortcut_path(x), y))
 
@@ -121,10 +132,7 @@ class BottleneckBlock(Block):
 class PreActBasicBlock(Block):
     """BN-act-conv3x3-BN-act-conv3x3 (+ shortcut), no activation after the addition."""
 
-    def last_conv(self):
-        # zero_init_residual has no last BN to zero here; zeroing the last conv also makes
-        # the block start as the identity (as in Fixup/SkipInit).
-        return functools.partial(self.conv, kernel_init=nn.initializers.zeros) if self.zero_init_last else self.conv
+    preactivated = True
 
     @nn.compact
     def __call__(self, x):
@@ -261,13 +269,18 @@ class ResNet(UnitModel):
         pick("stem", self.stem, {"imagenet": 0, "cifar": 0})
         pick("shortcut option", self.shortcut, dict.fromkeys(SHORTCUTS))
         check_study_switches(self.activation, self.norm, self.kernel_init)
+        check_sizes("ResNet", "stage_sizes", self.stage_sizes, "blocks per stage, e.g. (2, 2, 2, 2)", many=True)
+        check_sizes("ResNet", "widths", self.widths, "conv channels per stage, e.g. (64, 128, 256, 512)", many=True)
+        check_sizes("ResNet", "in_channels", self.in_channels, "image channels: 3 for RGB, 1 for grayscale")
+        if self.zero_init_residual and not self.residual:
+            raise ValueError("zero_init_residual zeroes each residual branch's last layer so that the block starts "
+                             "as its shortcut; the plain twin (residual=False) has no shortcut, so its every block "
+                             "would start dead: use it with residual=True")
         if len(self.widths) != len(self.stage_sizes):
             raise ValueError(
                 f"widths {tuple(self.widths)} and stage_sizes {tuple(self.stage_sizes)} must have "
                 f"the same length (one width per stage)"
             )
-        if any(n < 1 for n in self.stage_sizes):
-            raise ValueError(f"every stage needs at least one block, got stage_sizes {tuple(self.stage_sizes)}")
         super().__post_init__()
 
     def classifier_path(self) -> tuple[str, ...]:

@@ -1,0 +1,371 @@
+"""The numbers of the degradation experiment, from its workdirs alone (finished or partial).
+
+Reads every run directory `OUT/runs/<condition>/<model>/seed<k>`: `metrics.jsonl` (train
+lines: the logging window's mean minibatch accuracy, train mode, each batch scored before its
+update; `train_eval` lines: eval-mode accuracy on the fixed training subset; eval lines:
+accuracy on the whole test split), `analysis.jsonl` (the gradient monitor's records,
+`jaxres.analysis.monitor`), `config.json`, and `OUT/runs/wall_time.jsonl` (one line per
+`train_and_evaluate` invocation of a run, or its divergence). A resumed run repeats steps in
+these files: the later line for a (step, split) or (step, bn) counts. Non-finite values (null,
+"nan", "inf") are skipped and written as null in results.json.
+
+`collect(OUT)` returns the per-run rows, the per-(condition, model) groups with means and
+95 % intervals over seeds (jaxres.experiments.intervals), and the comparisons paired by seed:
+the depth gap of every family within a condition, and every intervention against the
+baseline of the same model and against the baseline's shallowest plain net.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from jaxres.analysis.monitor import read_analysis
+from jaxres.experiments.intervals import Interval, geometric_mean, paired_difference, t_interval, verdict
+from jaxres.files import read_jsonl
+from jaxres.workdir import Workdir
+
+WALL_TIME_FILE = "wall_time.jsonl"
+ANALYSIS_BN = "batch"  # the recipe's policy: BatchNorm with the probe batch's statistics, as trained
+BASELINE = "baseline"
+FIRST_UNIT, LAST_UNIT = "unit_1", "head"
+EARLY_END = 96  # the early phase: measurements at steps 1 .. EARLY_END (the recipe's dense schedule)
+ERRORS = {  # key -> (metrics.jsonl split, what it is)
+    "train_error": ("train_eval", "error of the net in eval mode (running BatchNorm statistics) on the fixed subset of "
+                                  "training images, at the last evaluation"),
+    "window_error": ("train", "1 - mean minibatch accuracy over the last logging window's steps (train mode, batch "
+                              "statistics, each batch scored before its update)"),
+    "test_error": ("eval", "error on all 10,000 test images (eval mode), at the last evaluation"),
+}
+RATIOS = {
+    "unit1_head": f"||dL/dh|| at the input of {FIRST_UNIT} over that at the input of {LAST_UNIT}",
+    "min_head": f"the smallest ||dL/dh|| over the inner units' inputs ({FIRST_UNIT} .. the last unit) over that at "
+                f"the input of {LAST_UNIT}",
+}
+WALL_TIME_SOURCE = (f"sum of train_and_evaluate's wall_time_s over the invocations recorded in runs/{WALL_TIME_FILE} "
+                    f"(setup, compilation, training, evaluation, analysis and checkpoints; an invocation killed "
+                    f"before returning is not counted)")
+
+
+def number(value) -> float:
+    """A float, NaN for null, non-numbers and the strings "nan"/"inf" (non-finite for plots)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def latest(records: list[dict], field: str, value: str) -> list[dict]:
+    """The records with `record[field] == value`, one per step (the last written), by step."""
+    by_step = {r["step"]: r for r in records if r.get(field) == value and isinstance(r.get("step"), int)}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def current_attempt(metrics: list[dict]) -> list[dict]:
+    """The metrics.jsonl records that count: at every start event (`"start": true`, written at
+    each process start) at step S, the lines after S written before it came from a killed
+    attempt and are dropped (the resumed run writes them again)."""
+    kept: list[dict] = []
+    for record in metrics:
+        if record.get("split") == "event" and record.get("start") and isinstance(record.get("step"), int):
+            kept = [r for r in kept if r.get("split") == "event" or not isinstance(r.get("step"), int)
+                    or r["step"] <= record["step"]]
+        kept.append(record)
+    return kept
+
+
+def window_error(train_lines: list[dict], end: int, width: int) -> float:
+    """1 - the mean minibatch accuracy over steps (end - width, end], each train line weighted by
+    the steps it averages (`steps`; in files older than that field, the distance to the previous
+    line): a window cut short by a preemption counts for what it covers, no more."""
+    total = weight = 0.0
+    previous = 0
+    for record in train_lines:
+        steps = record.get("steps") or record["step"] - previous
+        previous = record["step"]
+        if end - width < record["step"] <= end and record["step"] - steps >= end - width:
+            total += steps * number(record.get("accuracy"))
+            weight += steps
+    return 1 - total / weight if weight else math.nan
+
+
+def kind_depth(model: str) -> tuple[bool, int]:
+    """(residual, depth) from a model name such as cifar_plain56 / cifar_resnet20."""
+    match = re.fullmatch(r"\D*?(\d+)", model)
+    return "plain" not in model, int(match.group(1)) if match else 0
+
+
+@dataclasses.dataclass
+class Run:
+    """One run's curves and gradient records, as read from its workdir."""
+
+    condition: str
+    model: str
+    seed: int
+    num_steps: int | None
+    curves: dict  # error key -> [(step, error)]
+    analysis: list  # the monitor's records of policy `bn`, one per step
+    bn: str | None
+    analysis_time_s: float
+    final_window: float = math.nan  # window_error over the last logging window
+    wall_time_s: float = math.nan
+    diverged: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.condition}/{self.model}/seed{self.seed}"
+
+    @property
+    def residual(self) -> bool:
+        return kind_depth(self.model)[0]
+
+    @property
+    def depth(self) -> int:
+        return kind_depth(self.model)[1]
+
+    @property
+    def steps(self) -> int:
+        return max([s for curve in self.curves.values() for s, _ in curve], default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.num_steps is not None and any(s >= self.num_steps for s, _ in self.curves["test_error"])
+
+    def final(self, key: str) -> float:
+        if key == "window_error":
+            return self.final_window
+        curve = self.curves[key]
+        return curve[-1][1] if curve else math.nan
+
+
+def load_run(workdir, condition: str, model: str, seed: int) -> Run:
+    workdir = Workdir(workdir)
+    metrics = current_attempt(read_jsonl(workdir.metrics_path))
+    analysis = read_analysis(workdir.path)
+    bns = [r.get("bn") for r in analysis]
+    bn = ANALYSIS_BN if ANALYSIS_BN in bns or not bns else bns[0]
+    config = json.loads(workdir.config_path.read_text()) if workdir.config_path.is_file() else {}
+    curves = {key: [(r["step"], 1 - number(r.get("accuracy"))) for r in latest(metrics, "split", split)]
+              for key, (split, _) in ERRORS.items()}
+    train_lines = latest(metrics, "split", "train")
+    last = train_lines[-1] if train_lines else {"step": 0}
+    final_window = window_error(train_lines, last["step"], config.get("log_every_steps") or last.get("steps") or 1)
+    return Run(condition, model, seed, config.get("num_steps"), curves, latest(analysis, "bn", bn),
+               bn if analysis else None,
+               # time the gradient monitor took (every policy measured), first measurement's compile included
+               sum(number(r.get("time_s")) for b in set(bns) for r in latest(analysis, "bn", b)),
+               final_window=final_window)
+
+
+def collect_runs(out_dir) -> list[Run]:
+    """Every run under OUT/runs/<condition>/<model>/seed<k>, with its wall time and divergence."""
+    runs_dir = Path(out_dir) / "runs"
+    runs = []
+    for workdir in sorted(runs_dir.glob("*/*/seed*")) if runs_dir.is_dir() else []:
+        if workdir.is_dir() and workdir.name[4:].isdigit():
+            runs.append(load_run(workdir, workdir.parent.parent.name, workdir.parent.name, int(workdir.name[4:])))
+    by_name = {run.name: run for run in runs}
+    wall: dict[str, float] = {}
+    for record in read_jsonl(runs_dir / WALL_TIME_FILE):
+        run = by_name.get(record.get("run"))
+        if run is None:
+            continue
+        wall[run.name] = wall.get(run.name, 0.0) + number(record.get("wall_time_s"))
+        if record.get("diverged"):
+            run.diverged = record["diverged"]
+    for run in runs:
+        run.wall_time_s = wall.get(run.name, math.nan)
+    return sorted(runs, key=lambda r: (r.condition != BASELINE, r.condition, r.residual, r.depth, r.seed))
+
+
+def ratios(record: dict) -> dict[str, float]:
+    """The RATIOS of one monitor record (NaN where a gradient is missing or not finite)."""
+    grads = record.get("dL_dh") or {}
+    head = number(grads.get(LAST_UNIT))
+    inner = [number(grads.get(u)) for u in record.get("units", []) if u.startswith("unit_")]
+    if not head > 0:
+        return dict.fromkeys(RATIOS, math.nan)
+    smallest = min(inner) if inner and all(math.isfinite(v) for v in inner) else math.nan
+    return {"unit1_head": number(grads.get(FIRST_UNIT)) / head, "min_head": smallest / head}
+
+
+def kernel_step_spread(record: dict) -> float:
+    """min over kernels of ||dL/dW|| / ||W||, over its median: how far the least-moved layer's
+    gradient (relative to its weights) lies below the typical layer's."""
+    rel = np.array([number(v) for v in (record.get("dL_dW_rel") or {}).values()])
+    rel = rel[np.isfinite(rel)]
+    return float(rel.min() / np.median(rel)) if rel.size and np.median(rel) > 0 else math.nan
+
+
+def run_row(run: Run) -> dict:
+    """The row of one run: final errors, gradient ratios at step 0 / early minimum / the end."""
+    row = {"run": run.name, "condition": run.condition, "model": run.model, "seed": run.seed,
+           "residual": run.residual, "depth": run.depth, "steps": run.steps, "num_steps": run.num_steps,
+           "finished": run.finished, "diverged": run.diverged}
+    row.update({key: run.final(key) for key in ERRORS})
+    records = run.analysis
+    start = [r for r in records if r["step"] == 0]
+    early = [r for r in records if 0 < r["step"] <= EARLY_END]
+    for key in RATIOS:
+        row[f"{key}_start"] = ratios(start[0])[key] if start else math.nan
+        values = [ratios(r)[key] for r in early]
+        row[f"{key}_early_min"] = min(values) if values and all(math.isfinite(v) for v in values) else math.nan
+        row[f"{key}_end"] = ratios(records[-1])[key] if records else math.nan
+    row["kernel_step_spread_end"] = kernel_step_spread(records[-1]) if records else math.nan
+    row["end_step"] = records[-1]["step"] if records else None
+    row["wall_time_s"] = run.wall_time_s
+    row["analysis_time_s"] = run.analysis_time_s
+    return row
+
+
+RATIO_COLUMNS = [f"{key}_{when}" for key in RATIOS for when in ("start", "early_min", "end")] + [
+    "kernel_step_spread_end"]
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """One row per (condition, model): errors as mean and interval over its finished seeds,
+    gradient ratios as geometric means over them, diverged seeds counted apart."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["condition"], row["model"]), []).append(row)
+    out = []
+    for (condition, model), members in groups.items():
+        done = [r for r in members if r["finished"]]
+        group = {"condition": condition, "model": model, "residual": members[0]["residual"],
+                 "depth": members[0]["depth"], "seeds": sorted(r["seed"] for r in done),
+                 "diverged_seeds": sorted(r["seed"] for r in members if r["diverged"]),
+                 "unfinished_seeds": sorted(r["seed"] for r in members if not r["finished"] and not r["diverged"]),
+                 "wall_time_s": float(np.nansum([r["wall_time_s"] for r in members])) if members else math.nan}
+        for key in ERRORS:
+            group[key] = t_interval([r[key] for r in done])
+        for key in RATIO_COLUMNS:
+            group[key] = geometric_mean([r[key] for r in done])
+        out.append(group)
+    return out
+
+
+def _by_seed(rows: list[dict], condition: str, model: str, key: str) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in rows if r["condition"] == condition and r["model"] == model and r["finished"]}
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Differences paired by seed, in error points (fractions here), with their words:
+    - "depth": within each condition and family (plain / residual), deepest minus shallowest;
+    - "effect": every other condition's model minus the baseline's same model;
+    - "vs shallow plain": every other condition's model minus the baseline's shallowest plain net
+      (how much of the degradation is left)."""
+    models = {(r["condition"], r["model"]): (r["residual"], r["depth"]) for r in rows}
+    out = []
+
+    def add(kind, condition, a, b, reference_condition):
+        for key in ERRORS:
+            diff = paired_difference(_by_seed(rows, condition, a, key), _by_seed(rows, reference_condition, b, key))
+            if kind == "depth":
+                words = verdict(diff, "degrades (deeper is worse)", "deeper is better")
+            elif kind == "effect":
+                words = verdict(diff, "raises the error", "lowers the error")
+            else:
+                words = verdict(diff, f"still worse than {b}", f"better than {b}")
+            out.append({"kind": kind, "condition": condition, "model": a, "reference": f"{reference_condition}/{b}",
+                        "error": key, "difference": diff, "verdict": words})
+
+    for condition in dict.fromkeys(c for c, _ in models):
+        for residual in (False, True):
+            family = sorted((d, m) for (c, m), (res, d) in models.items() if c == condition and res == residual)
+            if len(family) >= 2:
+                add("depth", condition, family[-1][1], family[0][1], condition)
+    baseline_plain = sorted((d, m) for (c, m), (res, d) in models.items() if c == BASELINE and not res)
+    for (condition, model) in models:
+        if condition == BASELINE:
+            continue
+        if (BASELINE, model) in models:
+            add("effect", condition, model, model, BASELINE)
+        if baseline_plain and baseline_plain[0][1] != model:
+            add("vs shallow plain", condition, model, baseline_plain[0][1], BASELINE)
+    return out
+
+
+def collect(out_dir) -> tuple[dict, list[Run]]:
+    """(results, runs) of every run under OUT/runs: the results dict holds the definitions, the
+    per-run rows, the groups and the comparisons; `runs` the curves and records to plot."""
+    runs = collect_runs(out_dir)
+    rows = [run_row(run) for run in runs]
+    return {
+        "experiment": "degradation (He et al. 2015, Fig. 1/6/7) on Fashion-MNIST, with interventions",
+        "analysis_bn": ANALYSIS_BN,
+        "errors": {key: what for key, (_, what) in ERRORS.items()},
+        "ratios": dict(RATIOS, early_min=f"the minimum over the measurements at steps 1-{EARLY_END}",
+                       kernel_step_spread_end="min over kernels of ||dL/dW|| / ||W|| over its median, at the end"),
+        "intervals": "mean over finished seeds and its 95 % Student-t interval; differences paired by seed",
+        "wall_time_source": WALL_TIME_SOURCE,
+        "runs": rows,
+        "groups": group_rows(rows),
+        "comparisons": comparisons(rows),
+    }, runs
+
+
+def to_json(value):
+    """JSON-safe: Intervals as dicts, non-finite floats as null."""
+    if isinstance(value, Interval):
+        return value.to_json()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    """results.md: the groups table, the comparisons and what their intervals say."""
+    lines = ["Errors in %: mean over finished seeds [95 % interval]; gradient ratios: geometric mean over seeds "
+             f"(step 0 / minimum over steps 1-{EARLY_END} / end).", "",
+             "| condition | model | seeds | train error (eval mode) | train error (last window) | test error | "
+             "unit_1/head grad | smallest/head grad | least-moved kernel / median, end | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in results["groups"]:
+        seeds = ",".join(map(str, g["seeds"])) or "-"
+        if g["diverged_seeds"]:
+            seeds += f" (diverged: {','.join(map(str, g['diverged_seeds']))})"
+        if g["unfinished_seeds"]:
+            seeds += f" (running: {','.join(map(str, g['unfinished_seeds']))})"
+        grads = {k: " / ".join(_fmt(g[f"{k}_{w}"], ".3g") for w in ("start", "early_min", "end")) for k in RATIOS}
+        errors = " | ".join(g[key].format(100) for key in ERRORS)
+        lines.append(f"| {g['condition']} | {g['model']} | {seeds} | {errors} | {grads['unit1_head']} | "
+                     f"{grads['min_head']} | {_fmt(g['kernel_step_spread_end'], '.2g')} | "
+                     f"{_fmt(g['wall_time_s'], '.0f')} s |")
+    lines += ["", "Differences in error points, paired by seed [95 % interval]:", "",
+              "| comparison | error | difference | seeds | verdict |", "|---|---|---|---|---|"]
+    for c in results["comparisons"]:
+        what = (f"{c['condition']}: {c['model']} - {c['reference'].split('/')[1]}" if c["kind"] == "depth"
+                else f"{c['condition']}/{c['model']} - {c['reference']}")
+        lines.append(f"| {what} | {c['error']} | {c['difference'].format(100)} | {c['difference'].n} | "
+                     f"{c['verdict']} |")
+    return "\n".join(lines)
+
+
+def markdown_runs(results: dict) -> str:
+    """A table of every run (for the log of `jaxres experiment degradation`)."""
+    lines = ["| run | steps | train error % (eval) | window % | test error % | unit_1/head: 0 / early min / end | "
+             "wall time | of which gradient monitor |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["runs"]:
+        pct = {k: _fmt(100 * number(row[k]), ".2f") for k in ERRORS}
+        grads = " / ".join(_fmt(row[f"unit1_head_{w}"], ".3g") for w in ("start", "early_min", "end"))
+        share = number(row["analysis_time_s"]) / number(row["wall_time_s"])
+        monitor = f"{_fmt(row['analysis_time_s'], '.0f')} s ({_fmt(100 * share, '.1f')} %)" if math.isfinite(share) \
+            else "-"
+        steps = f"{row['steps']} / {row['num_steps'] or '?'}" + (" diverged" if row["diverged"] else "")
+        lines.append(f"| {row['run']} | {steps} | {pct['train_error']} | {pct['window_error']} | {pct['test_error']} | "
+                     f"{grads} | {_fmt(row['wall_time_s'], '.0f')} s | {monitor} |")
+    return "\n".join(lines)
