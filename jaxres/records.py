@@ -1,16 +1,20 @@
-"""When a training run makes its records, read from its config.
+"""When a training run makes its records and checkpoints, read from its config: the one place
+that knows the schedule.
 
-- Evaluations (`metrics.jsonl` lines of split `eval`, and `train_eval` when
-  `train_eval_examples` > 0): every `eval_every_steps` and at the final step.
-- Gradient measurements (`analysis.jsonl`, one record per BatchNorm policy of `analysis_bn`),
+- Train lines (the means of a window of steps): every `log_every_steps` and at every checkpoint.
+- Evaluations (metrics lines of split `eval`, and `train_eval` when `train_eval_examples` > 0):
+  every `eval_every_steps` and at the final step.
+- Checkpoints: at every evaluation, every `checkpoint_every_steps` and at the final step (and on
+  SIGTERM, which the loop's stop flag says).
+- Gradient measurements (the analysis log, one record per BatchNorm policy of `analysis_bn`),
   when the monitor is on (`analysis_every_steps` > 0 or `analysis_steps` not empty): at step 0,
   every `analysis_every_steps`, at each step of `analysis_steps` and at the final step.
 
-The loop asks `RecordSchedule` what is due at a step, and which records a restored step still
-lacks; `Workdir.finished` asks it what a finished run's final step must hold. Every field read
-here is bookkeeping: it may change when a run resumes (the loop writes the schedule in force,
-`schedule_fields`, into metrics.jsonl at every start, so the records say which one made them).
-No JAX here: `Workdir` and the CLI import it cheaply.
+The loop's actions (jaxres.train.actions) ask `RecordSchedule` whether they are due at a step,
+and which records a restored step still lacks; `Workdir.finished` asks it what a finished run's
+final step must hold. Every field read here is bookkeeping: it may change when a run resumes
+(the loop writes the schedule in force, `schedule_fields`, into the metrics log at every start,
+so the records say which one made them). No JAX here: `Workdir` and the CLI import it cheaply.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import dataclasses
 SCHEDULE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "train_eval_examples",
                    "analysis_every_steps", "analysis_steps", "analysis_batch_size", "analysis_bn",
                    "analysis_unit_jacobians")
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
 
 
 def _is_int(value) -> bool:
@@ -53,6 +61,8 @@ class RecordSchedule:
     """The record schedule of one config (`from_config`; bad values raise ValueError)."""
 
     num_steps: int
+    log_every_steps: int
+    checkpoint_every_steps: int
     eval_every_steps: int
     analysis_every_steps: int
     analysis_steps: frozenset[int]
@@ -66,7 +76,9 @@ class RecordSchedule:
         steps = check_analysis_steps(config.get("analysis_steps", ()))
         on = every > 0 or bool(steps)
         bns = tuple(dict.fromkeys(b.strip() for b in str(config.get("analysis_bn", "batch")).split(",") if b.strip()))
-        return cls(num_steps=config["num_steps"], eval_every_steps=config.get("eval_every_steps", 0),
+        return cls(num_steps=config["num_steps"], log_every_steps=config.get("log_every_steps", 0),
+                   checkpoint_every_steps=config.get("checkpoint_every_steps", 0),
+                   eval_every_steps=config.get("eval_every_steps", 0),
                    analysis_every_steps=every, analysis_steps=steps, analysis_bns=bns if on else (),
                    train_eval=check_train_eval_examples(config.get("train_eval_examples", 0)) > 0)
 
@@ -76,16 +88,24 @@ class RecordSchedule:
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        """The metrics.jsonl splits of one evaluation, in the order they are written."""
+        """The metrics splits of one evaluation, in the order they are written."""
         return ("eval", "train_eval") if self.train_eval else ("eval",)
 
+    def logs(self, step: int) -> bool:
+        """A train line: at every checkpoint too, so that no window spans one (a resumed run's
+        windows then tile the run)."""
+        return _every(step, self.log_every_steps) or self.saves(step)
+
     def evaluates(self, step: int) -> bool:
-        return step >= self.num_steps or (self.eval_every_steps > 0 and step % self.eval_every_steps == 0)
+        return step >= self.num_steps or _every(step, self.eval_every_steps)
+
+    def saves(self, step: int) -> bool:
+        """A checkpoint (at an evaluation, with its eval metrics: a candidate for the best one)."""
+        return self.evaluates(step) or _every(step, self.checkpoint_every_steps)
 
     def measures(self, step: int) -> bool:
-        every = self.analysis_every_steps
         return self.monitor_on and (step == 0 or step >= self.num_steps or step in self.analysis_steps
-                                    or (every > 0 and step % every == 0))
+                                    or _every(step, self.analysis_every_steps))
 
     def wanted(self, step: int) -> set[str]:
         """The records `step` must have once its checkpoint is saved: its evaluation's splits

@@ -14,11 +14,14 @@
     DIR/best/<step>/           workdirs written before the best checkpoint moved into
                                checkpoints/ keep it here; read, never written
     DIR/metrics.jsonl          train/eval metrics (jaxres.train.metrics)
-    DIR/analysis.jsonl         gradient propagation during training (jaxres.analysis.monitor)
+    DIR/analysis.jsonl         gradient propagation during training (jaxres.analysis.monitor),
+                               one record per (step, BatchNorm policy)
     DIR/*.jsonl.torn-<time>    a JSON-lines file's torn last line, set aside before appending
-    DIR/tensorboard/           the same scalars for TensorBoard
+    DIR/tensorboard/           the same scalars for TensorBoard, metrics and analysis in one run
 
-Training, `jaxres eval` and the analysis all read a run through `Workdir`. Its rule for a
+Training, `jaxres eval` and the analysis all read a run through `Workdir`, and training writes
+its records through the logs it hands out (`metrics_log`, `analysis_log`, `tensorboard`; it
+closes them). Orbax's side of the checkpoints is `jaxres.orbax_manager`. The rule for a
 checkpoint that does not fit: one whose config or array shapes differ from what the caller
 expects is *refused* (an error, nothing moved); only one whose files cannot be read (I/O or
 format errors) is *quarantined* into `checkpoints.corrupt/` so the previous one can be used.
@@ -44,13 +47,12 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 
-from jaxres.files import FileWriteError, read_jsonl, write_failed, write_text_atomic
+from jaxres.files import FileWriteError, JsonlAppender, TensorBoardEvents, read_jsonl, write_failed, write_text_atomic
 from jaxres.orbax_errors import OS_REASONS, describe_error, failure_reason, os_error_in, thread_errors_held
+from jaxres.orbax_manager import checkpoint_manager, restore_target, shape_differences, tree_shapes
 from jaxres.records import RecordSchedule
 
-ITEMS = ("state", "data", "config", "meta")
 KINDS = ("checkpoints", "best")
 
 
@@ -83,33 +85,6 @@ class Checkpoint:
     meta: dict  # step, time, eval metrics if any
 
 
-def _shapes(tree) -> dict:
-    """{path: (shape, dtype)} of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_name(p): (tuple(np.shape(v)), str(np.dtype(v.dtype))) for p, v in leaves}
-
-
-def _path_name(path) -> str:
-    """`opt_state/1/0/trace/stem/conv1/kernel`: a tree path by its names alone, so that a
-    NamedTuple field (the live optimizer state) and the dict key orbax stores for it agree."""
-    def name(key):
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
-    return "/".join(name(k) for k in path)
-
-
-def shape_differences(saved: dict, expected: dict, limit: int = 6) -> list[str]:
-    """What differs between two {path: (shape, dtype)} tables, in words."""
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(saved))]
-    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(expected))]
-    problems += [f"{k}: saved {saved[k][0]} {saved[k][1]}, now {expected[k][0]} {expected[k][1]}"
-                 for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
-    return problems[:limit] + ([f"... ({len(problems)} in all)"] if len(problems) > limit else [])
-
-
 class Workdir:
     """The directory of one training run (see the module docstring for the layout).
 
@@ -138,6 +113,8 @@ class Workdir:
             raise FileNotFoundError(f"workdir {str(path)!r} does not exist; train first with "
                                     f"`jaxres train --workdir {path}`")
         self._managers: dict[str, object] = {}
+        self._handed_out: list = []  # the logs handed out, closed with the workdir
+        self._tensorboard: TensorBoardEvents | None = None
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -191,36 +168,8 @@ class Workdir:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _manager(self, kind: str):
-        import orbax.checkpoint as ocp
-
         if kind not in self._managers:
-            import logging
-
-            from orbax.checkpoint import checkpoint_managers as policies
-
-            absl_logger = logging.getLogger("absl")
-            if _without_metrics_warning not in absl_logger.filters:
-                absl_logger.addFilter(_without_metrics_warning)
-
-            options = ocp.CheckpointManagerOptions(
-                # best_fn makes orbax write and read the `metrics` item; preservation_policy alone
-                # decides what is deleted: the latest `keep`, and the best evaluated checkpoint.
-                best_fn=_eval_accuracy,
-                best_mode="max",
-                preservation_policy=policies.AnyPreservationPolicy([
-                    policies.LatestN(self.keep),
-                    policies.BestN(get_metric_fn=_eval_accuracy, n=1, keep_checkpoints_without_metrics=False),
-                ]),
-                create=False,
-                # Synchronous: a save has finished (and is renamed into place) when save() returns,
-                # so a checkpoint named in the log is on disk even if the process dies next.
-                enable_async_checkpointing=False,
-                read_only=kind == "best",
-            )
-            # Handlers named up front, so that a fresh process can read one item (or its metadata) alone.
-            handlers = {item: ocp.JsonCheckpointHandler() for item in ITEMS if item != "state"}
-            handlers["state"] = ocp.StandardCheckpointHandler()
-            self._managers[kind] = ocp.CheckpointManager(self.directory(kind), options=options, item_handlers=handlers)
+            self._managers[kind] = checkpoint_manager(self.directory(kind), keep=self.keep, read_only=kind == "best")
         return self._managers[kind]
 
     def steps(self, kind: str = "checkpoints") -> list[int]:
@@ -281,7 +230,7 @@ class Workdir:
     def stored_shapes(self, step: int, kind: str = "checkpoints") -> dict:
         """{path: (shape, dtype)} of the arrays in checkpoint `step`, from orbax's metadata alone."""
         metadata = self._manager(kind).item_metadata(int(step))["state"]
-        return _shapes(getattr(metadata, "tree", metadata))
+        return tree_shapes(getattr(metadata, "tree", metadata))
 
     def restore(self, step: int, target, kind: str = "checkpoints") -> Checkpoint:
         """Checkpoint `step`; `target` is a tree (arrays or ShapeDtypeStructs) with the
@@ -289,12 +238,12 @@ class Workdir:
         CheckpointMismatchError before any array is read."""
         import orbax.checkpoint as ocp
 
-        differences = shape_differences(self.stored_shapes(step, kind), _shapes(target))
+        differences = shape_differences(self.stored_shapes(step, kind), tree_shapes(target))
         if differences:
             raise CheckpointMismatchError(
                 f"checkpoint {step} in {self.directory(kind)} holds other arrays than this run expects "
                 f"({'; '.join(differences)}); it was written by another model or version of the code")
-        abstract = jax.tree.map(_restore_target, target)
+        abstract = jax.tree.map(restore_target, target)
         out = self._manager(kind).restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -375,6 +324,9 @@ class Workdir:
     def close(self) -> None:
         for kind in list(self._managers):
             self._drop_manager(kind)
+        for log in self._handed_out:
+            log.close()
+        self._handed_out, self._tensorboard = [], None
 
     def __enter__(self):
         return self
@@ -386,13 +338,53 @@ class Workdir:
     def write_config(self, config_json: str) -> None:
         write_text_atomic(self.config_path, config_json)
 
-    # -- records ------------------------------------------------------------------------------
+    # -- records: the logs handed out to the loop and the monitor, and what they hold -----------
+    def metrics_log(self, *, note: Callable[[dict, str], dict] | None = None, report=print) -> JsonlAppender:
+        """metrics.jsonl, opened for appending: a torn last line is set aside and reported (and,
+        through `note`, noted as a line of the file; `JsonlAppender`)."""
+        return self._hand_out(JsonlAppender(self.metrics_path, report=report, note=note))
+
+    def analysis_log(self, *, keep_through: int | None = None, report=print) -> tuple[JsonlAppender, list[dict]]:
+        """analysis.jsonl, opened for appending (each line fsynced), and the records it keeps: one
+        per (step, bn), the last written, none after step `keep_through` (a resumed run's restored
+        step: later ones are a killed attempt's). The file is rewritten (atomically) to hold just
+        them. An OSError here is a FileWriteError naming the file."""
+        try:
+            existed = self.analysis_path.exists()
+            lines = self._hand_out(JsonlAppender(self.analysis_path, fsync=True, report=report))
+            kept = [r for r in self.analysis_records() if keep_through is None or r["step"] <= keep_through]
+            last = {(r["step"], r["bn"]): i for i, r in enumerate(kept)}
+            kept = [r for i, r in enumerate(kept) if last[(r["step"], r["bn"])] == i]
+            if existed:
+                lines.rewrite(kept)
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise FileWriteError(err.errno, f"cannot rewrite or append to {self.analysis_path} ({reason}); pass a "
+                                            f"writable workdir") from err
+        return lines, kept
+
+    def analysis_records(self) -> list[dict]:
+        """The records of analysis.jsonl in file order (a torn line, or one without `step` and
+        `bn`, is skipped)."""
+        return [r for r in read_jsonl(self.analysis_path) if isinstance(r, dict) and {"step", "bn"} <= r.keys()]
+
+    def tensorboard(self, *, purge_step: int | None = None) -> TensorBoardEvents:
+        """The run's TensorBoard events under tensorboard/, one writer per Workdir, which the
+        metrics and the gradient monitor share. The first call opens it with `purge_step` (a
+        resumed run's first step: TensorBoard hides earlier files' events from there on)."""
+        if self._tensorboard is None:
+            self._tensorboard = self._hand_out(TensorBoardEvents(self.tensorboard_dir, purge_step=purge_step))
+        return self._tensorboard
+
+    def _hand_out(self, log):
+        self._handed_out.append(log)
+        return log
+
     def records_at(self, step: int) -> set[str]:
         """The records on disk at `step`: the metrics.jsonl splits with a line there ("train",
         "eval", "train_eval", ...) and "analysis:<bn>" per analysis.jsonl policy."""
         found = {r.get("split") for r in read_jsonl(self.metrics_path) if r.get("step") == step}
-        found |= {f"analysis:{r.get('bn')}" for r in read_jsonl(self.analysis_path)
-                  if r.get("step") == step and "bn" in r}
+        found |= {f"analysis:{r['bn']}" for r in self.analysis_records() if r["step"] == step}
         return {name for name in found if isinstance(name, str) and name != "event"}
 
     def finished(self, config) -> bool:
@@ -414,29 +406,6 @@ class Workdir:
         return RecordWriteError(err.errno or errno.EIO,
                                 f"{err} at step {step}; training stopped. Checkpoints are intact ({where}). Fix the "
                                 f"cause (free disk space, permissions) and rerun the same command")
-
-
-def _restore_target(leaf) -> jax.ShapeDtypeStruct:
-    """A leaf of a restore target with a sharding: its own, else this process's first device
-    (a `jax.eval_shape` target has none, and orbax would otherwise lay the arrays out as they
-    were saved, on devices a reader may not have)."""
-    import orbax.checkpoint as ocp
-
-    struct = ocp.utils.to_shape_dtype_struct(leaf)
-    if getattr(struct, "sharding", None) is not None:
-        return struct
-    return jax.ShapeDtypeStruct(struct.shape, struct.dtype,
-                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-
-
-def _eval_accuracy(metrics: dict) -> float:
-    return float(metrics["accuracy"])
-
-
-def _without_metrics_warning(record) -> bool:
-    # orbax warns at every save without metrics once best_fn is set; here only evaluated
-    # checkpoints have them, by design.
-    return not str(record.msg).startswith("Requested `tracked_metric`")
 
 
 def find_checkpoint(path, step: int | str = "latest") -> tuple[Workdir, str, int]:

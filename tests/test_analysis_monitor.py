@@ -14,6 +14,7 @@ from jaxres.analysis import TrainingMonitor, end_to_end_norms, forward_statistic
 from jaxres.analysis.monitor import ReusedSegments, json_safe
 from jaxres.data import eval_transform, probe_batch
 from jaxres.train.step import cross_entropy
+from jaxres.workdir import Workdir
 from tests.conftest import init, tiny_cifar_resnet
 
 BATCH = 4
@@ -211,7 +212,7 @@ def test_tensorboard_gets_per_unit_scalars_and_the_unit_by_step_image(setup, mea
     with TrainingMonitor(model, x, labels, workdir=tmp_path, cache=cache) as monitor:
         for step in (0, 10):
             monitor.measure(step, variables)
-    tags = tensorboard_tags(tmp_path / "tensorboard" / "analysis")
+    tags = tensorboard_tags(Workdir(tmp_path).tensorboard_dir)  # the run's one TensorBoard directory
     assert {"analysis_batch/loss", "analysis_batch/dL_dh/stem", "analysis_batch/dL_dh/unit_3",
             "analysis_batch/log10_dL_dh_unit_by_step"} <= tags
 

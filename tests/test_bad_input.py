@@ -20,8 +20,8 @@ from jaxres.data import load_source
 from jaxres.data.importer import import_idx
 from jaxres.models import VGG, cifar_vgg, vgg
 from jaxres.train import apply_overrides, load_config
-from jaxres.train.loop import Run
 from jaxres.train.optim import make_schedule
+from jaxres.train.run import Run
 from jaxres.weights import load_weights, save_weights
 from jaxres.workdir import Workdir, WorkdirBusyError
 from tests.conftest import tiny_cifar_resnet
@@ -88,6 +88,23 @@ def test_config_whose_get_config_raises_names_file_and_line(tmp_path):
     config.write_text("def get_config():\n    widths = {}\n    return widths['missing']\n")
     with pytest.raises(ValueError, match=re.escape(f"config file {config}, line 3: KeyError: 'missing'")):
         load_config(str(config))
+
+
+def test_an_unknown_recipe_lists_the_recipes_and_an_old_recipe_path_names_the_recipe():
+    with pytest.raises(ValueError, match=re.escape("no recipe 'cifar'; did you mean 'cifar10'? (recipes: cifar10, "
+                                                   "degradation, fashion_mnist, imagenet, synthetic)")):
+        load_config("cifar:resnet56")
+    # the recipes were files of the checkout (experiments/configs/) before they became modules
+    with pytest.raises(FileNotFoundError, match="named without a path: --config cifar10:resnet56"):
+        load_config("experiments/configs/cifar10.py:resnet56")
+
+
+def test_a_config_file_of_ones_own_is_read_by_its_path(tmp_path):
+    (tmp_path / "mine.py").write_text("from jaxres.configs import cifar10\n\n"
+                                      "def get_config(arg):\n    c = cifar10.get_config(arg)\n    c.seed = 7\n"
+                                      "    return c\n")
+    config = load_config(f"{tmp_path / 'mine.py'}:resnet20")
+    assert (config.model, config.seed) == ("cifar_resnet20", 7)
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -417,13 +434,13 @@ def test_a_config_value_of_the_wrong_type_names_the_field_before_the_workdir_is_
     # before: "invalid literal for int() with base 10: 'x'" (after making the workdir), ml_collections'
     # "Could not override field ... cannot be casted", or a KeyError's traceback
     workdir = tmp_path / "run"
-    assert main(["train", "--config", "experiments/configs/synthetic.py", "--workdir", str(workdir), override]) == 2
+    assert main(["train", "--config", "synthetic", "--workdir", str(workdir), override]) == 2
     assert f"jaxres train: error: {message}" in capsys.readouterr().err
     assert not workdir.exists()
 
 
 def test_a_config_file_with_a_boundary_that_is_no_iteration_is_named():
-    config = load_config("experiments/configs/synthetic.py")
+    config = load_config("synthetic")
     config.lr_boundaries = {"x": 0.1}  # as a get_config() might write it
     with pytest.raises(ValueError, match=r"lr_boundaries keys must be iteration numbers, .*; got 'x'"):
         make_schedule(config, steps_per_epoch=10)
@@ -431,7 +448,7 @@ def test_a_config_file_with_a_boundary_that_is_no_iteration_is_named():
 
 def test_eval_batch_size_zero_is_named_as_such():
     # unchecked, grain says "batch_size must be positive." only at the first evaluation
-    config = apply_overrides(load_config("experiments/configs/synthetic.py"),
+    config = apply_overrides(load_config("synthetic"),
                              ["--config.eval_batch_size=0", "--config.model_overrides.widths=(4, 8, 16)"])
     with pytest.raises(ValueError, match="eval_batch_size must be a positive integer, got 0"):
         Run(config, need_train=False)

@@ -6,6 +6,7 @@ import ast
 import functools
 import importlib
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -156,6 +157,31 @@ def test_help_and_version_do_not_import_jax():
     assert all(name in out.stdout for name in cli.COMMANDS)
 
 
+@pytest.mark.slow
+def test_an_installed_wheel_finds_the_recipes_by_name(tmp_path):
+    # Built from a copy of the sources (a build in the checkout would leave build/ there) and
+    # imported from the install alone, outside the checkout: the recipes travel as modules.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "jaxres", source / "jaxres", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("jaxres-*.whl")
+    site = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=600)
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "import jaxres.configs\n"
+            "from jaxres.train import load_config\n"
+            "assert jaxres.configs.__file__.startswith(sys.argv[1]), jaxres.configs.__file__\n"
+            "print(jaxres.configs.recipe_names(), load_config('cifar10:resnet56').model)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["('cifar10',", "'degradation',", "'fashion_mnist',", "'imagenet',", "'synthetic')",
+                                  "cifar_resnet56"]
+
+
 def test_version_is_the_installed_distributions():
     assert importlib.metadata.version("jaxres") == jaxres.__version__
 
@@ -167,7 +193,7 @@ def test_a_command_missing_its_extra_fails_in_one_line(tmp_path):
         "import sys\n"
         f"sys.modules.update(dict.fromkeys({blocked!r}))\n"
         "from jaxres.cli import main\n"
-        f"sys.exit(main(['train', '--config', 'experiments/configs/cifar10.py:resnet20', '--workdir', {str(tmp_path)!r}]))\n")
+        f"sys.exit(main(['train', '--config', 'cifar10:resnet20', '--workdir', {str(tmp_path)!r}]))\n")
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("jaxres train: error: this command needs ")

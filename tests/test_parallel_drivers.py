@@ -76,7 +76,7 @@ def test_two_process_training_job_checkpoints_collectively_and_resumes(tmp_path)
     (Numerics across device counts: the driver tests above. Each host shuffles its own share
     of the data, so the batches depend on the number of processes.)"""
     from jaxres.workdir import Workdir
-    from jaxres.train.loop import Run
+    from jaxres.train.run import Run
     from jaxres.train.state import checkpoint_tree
     from tests.test_train_loop import tiny_config
 
@@ -85,7 +85,7 @@ def test_two_process_training_job_checkpoints_collectively_and_resumes(tmp_path)
     def job(num_steps):
         port = free_port()
         procs = [subprocess.Popen(
-            [sys.executable, "-c", cli, "train", "--config", "experiments/configs/synthetic.py", "--workdir",
+            [sys.executable, "-c", cli, "train", "--config", "synthetic", "--workdir",
              str(tmp_path), "--config.model_overrides.widths=(4, 8, 16)", "--config.batch_size=16",
              f"--config.num_steps={num_steps}", "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0",
              "--config.log_every_steps=1", "--config.progress_bar=False", "--config.num_data_threads=1"],

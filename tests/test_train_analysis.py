@@ -13,7 +13,7 @@ import pytest
 from jaxres import data
 from jaxres.analysis import TrainingMonitor, end_to_end_norms, read_analysis
 from jaxres.train import train_and_evaluate
-from jaxres.train.loop import TRAIN_EVAL_SEED, Run
+from jaxres.train.run import TRAIN_EVAL_SEED, Run
 from jaxres.files import read_jsonl
 from jaxres.workdir import Workdir
 from tests.test_train_loop import final_tree, tiny_config

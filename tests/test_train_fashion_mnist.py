@@ -41,7 +41,7 @@ def test_import_gives_the_official_split_sizes_and_statistics(data_dir):
 
 
 def test_short_cpu_run_of_a_small_resnet_learns_fashion_mnist(data_dir, tmp_path):
-    code = main(["train", "--config", "experiments/configs/fashion_mnist.py", "--workdir", str(tmp_path),
+    code = main(["train", "--config", "fashion_mnist", "--workdir", str(tmp_path),
                  f"--config.data_dir={data_dir}", "--config.num_steps=300", "--config.eval_every_steps=0",
                  "--config.checkpoint_every_steps=0", "--config.lr_boundaries={'200': 0.1, '260': 0.1}",
                  "--config.progress_bar=False"])

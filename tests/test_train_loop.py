@@ -14,11 +14,11 @@ from jaxres.cli import main
 from jaxres.cli.train import split_overrides
 from jaxres.models import unstack_identical_units
 from jaxres.train import NonFiniteLossError, apply_overrides, evaluate_workdir, load_config, train_and_evaluate
-from jaxres.train.loop import Run
+from jaxres.train.run import Run
 from jaxres.train.state import checkpoint_tree
 from jaxres.workdir import Workdir
 
-CONFIG = "experiments/configs/synthetic.py"
+CONFIG = "synthetic"
 
 
 def tiny_config(**fields):
@@ -140,32 +140,32 @@ def test_a_run_saved_before_a_field_existed_resumes_when_the_field_keeps_its_def
 
 
 def test_config_overrides_are_typed_and_checked():
-    config = load_config("experiments/configs/cifar10.py:resnet110")
+    config = load_config("cifar10:resnet110")
     apply_overrides(config, ["--config.num_steps=100", "--config.learning_rate", "1", "--config.nesterov=True"])
     assert config.num_steps == 100 and config.learning_rate == 1.0 and config.nesterov is True
     with pytest.raises(ValueError, match=r"no field 'num_step'.*did you mean 'num_steps'"):
         apply_overrides(config, ["--config.num_step=3"])
     with pytest.raises(ValueError, match=r"resnet \+ one of .* or plain \+ one of"):
-        load_config("experiments/configs/cifar10.py:resnet50")
+        load_config("cifar10:resnet50")
     assert split_overrides(["--workdir", "w", "--config.a=1", "--config.b", "2"]) == (
         ["--config.a=1", "--config.b", "2"], ["--workdir", "w"])
 
 
 def test_paper_recipes_build():
     # He et al. 2015 / Simonyan & Zisserman 2014 hyper-parameters, as the configs state them.
-    r110 = load_config("experiments/configs/cifar10.py:resnet110")
+    r110 = load_config("cifar10:resnet110")
     assert (r110.model, r110.batch_size, r110.num_steps, r110.weight_decay) == ("cifar_resnet110", 128, 64000, 1e-4)
-    vgg = load_config("experiments/configs/imagenet.py:vgg16")
+    vgg = load_config("imagenet:vgg16")
     assert (vgg.learning_rate, vgg.batch_size, vgg.weight_decay, vgg.model_overrides.dropout) == (0.01, 256, 5e-4, 0.5)
     for arg in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18", "plain34"):
-        c = load_config(f"experiments/configs/imagenet.py:{arg}")
+        c = load_config(f"imagenet:{arg}")
         assert c.model == arg and c.schedule == "step" and c.decay_every_epochs == 30
     for arg in ("resnet20", "resnet32", "resnet44", "resnet56", "plain20", "plain32", "plain44", "plain56", "plain110"):
-        assert load_config(f"experiments/configs/cifar10.py:{arg}").model == f"cifar_{arg}"
+        assert load_config(f"cifar10:{arg}").model == f"cifar_{arg}"
 
 
 def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
-    code = main(["train", "--config", "experiments/configs/cifar10.py:resnet20", "--workdir", str(tmp_path / "w"),
+    code = main(["train", "--config", "cifar10:resnet20", "--workdir", str(tmp_path / "w"),
                  f"--config.data_dir={tmp_path}"])
     assert code == 2
     assert "not prepared" in capsys.readouterr().err
@@ -192,8 +192,8 @@ def test_scanned_blocks_train_checkpoint_and_analyze_like_unrolled(tmp_path):
 
 
 def test_resnet1202_recipe_scans_its_blocks():
-    c = load_config("experiments/configs/cifar10.py:resnet1202")
+    c = load_config("cifar10:resnet1202")
     assert c.model == "cifar_resnet1202" and c.model_overrides.scan_units is True
     assert c.learning_rate == 0.01 and c.lr_boundaries["400"] == 10.0  # warm-up as for depth 110
     with pytest.raises(ValueError, match=r"resnet \+ one of .* or plain \+ one of"):
-        load_config("experiments/configs/cifar10.py:plain1202")
+        load_config("cifar10:plain1202")

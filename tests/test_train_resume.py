@@ -16,7 +16,7 @@ import pytest
 
 from jaxres.analysis.monitor import read_analysis
 from jaxres.train import apply_overrides, load_config
-from jaxres.train.loop import Run
+from jaxres.train.run import Run
 from jaxres.train.state import checkpoint_tree
 from jaxres.workdir import Workdir
 
@@ -47,7 +47,7 @@ def compilation_cache(tmp_path_factory):
 
 def command(workdir):
     return [sys.executable, "-c", "import sys; from jaxres.cli import main; sys.exit(main())", "train",
-            "--config", "experiments/configs/synthetic.py", "--workdir", str(workdir), *OVERRIDES]
+            "--config", "synthetic", "--workdir", str(workdir), *OVERRIDES]
 
 
 def start(workdir):
@@ -67,7 +67,7 @@ def wait_for_checkpoint(workdir, proc, at_least, timeout=300):
 
 
 def final_state(workdir):
-    config = apply_overrides(load_config(str(ROOT / "experiments/configs/synthetic.py")), list(OVERRIDES))
+    config = apply_overrides(load_config("synthetic"), list(OVERRIDES))
     with Workdir(workdir) as wd:
         assert wd.latest_step() == NUM_STEPS
         saved = wd.restore(NUM_STEPS, checkpoint_tree(Run(config, need_train=False).state))

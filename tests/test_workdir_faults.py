@@ -23,8 +23,9 @@ import pytest
 from jaxres.cli import main
 from jaxres.train import NonFiniteLossError, train_and_evaluate
 from jaxres.train import loop
-from jaxres.train.loop import Run
+from jaxres.train import run as run_module
 from jaxres.train.metrics import MetricsWriter
+from jaxres.train.run import Run
 from jaxres.analysis.monitor import read_analysis
 from jaxres.files import JsonlAppender, read_jsonl
 from jaxres.workdir import CheckpointMismatchError, Workdir, WorkdirBusyError, find_checkpoint, is_workdir_layout
@@ -478,7 +479,8 @@ def test_analyze_names_a_checkpoint_that_is_a_file_or_damaged(finished, tmp_path
 def test_after_a_nan_stop_a_new_run_goes_on_from_the_last_good_checkpoint(tmp_path, monkeypatch):
     # From the third step on the learning rate is inf (the schedules refuse to build one), so
     # step 3 makes the weights non-finite.
-    monkeypatch.setattr(loop, "make_schedule", lambda config, steps: lambda count: jnp.where(count >= 2, jnp.inf, 0.1))
+    monkeypatch.setattr(run_module, "make_schedule",
+                        lambda config, steps: lambda count: jnp.where(count >= 2, jnp.inf, 0.1))
     bad = tiny_config(checkpoint_every_steps=1)
     with pytest.raises(NonFiniteLossError, match="non-finite at step 3") as err:
         train_and_evaluate(bad, tmp_path / "bad", **QUIET)

@@ -1,7 +1,9 @@
 """A run is finished when its final checkpoint and that step's records are on disk
 (`Workdir.finished`), not when an eval line says so: a run killed between its final eval line
 and its checkpoint is retrained to the end, and a run killed between its final checkpoint and
-its records gets them from a rerun without training (also inside `jaxres experiment degradation`)."""
+its records gets them from a rerun without training (also inside `jaxres experiment degradation`).
+The records go to logs the workdir hands out (one TensorBoard writer per run; the analysis log
+cut back to the restored step) and closes."""
 
 import json
 import shutil
@@ -102,3 +104,25 @@ def test_a_grid_run_killed_at_its_final_eval_line_is_retrained_not_called_finish
     lines.clear()
     degradation.run_degradation(out, report=lines.append, **grid)
     assert any("finished (2 steps)" in str(line) and "not retrained" in str(line) for line in lines), lines
+
+
+# -- the logs a workdir hands out --------------------------------------------------------------
+
+def test_the_metrics_and_the_monitor_share_one_tensorboard_writer_and_the_workdir_closes_its_logs(tmp_path):
+    with Workdir(tmp_path, create=True) as wd:
+        metrics = MetricsWriter(wd, purge_step=5, report=lambda *_: None)
+        analysis, _ = wd.analysis_log(report=lambda *_: None)
+        assert wd.tensorboard() is metrics.tb  # the first call's purge step holds; one event file per run
+        assert len(list(wd.tensorboard_dir.glob("events.out.tfevents.*"))) == 1
+    assert metrics.lines.file is None and analysis.file is None and metrics.tb.file is None
+
+
+def test_the_analysis_log_keeps_one_record_per_step_and_policy_up_to_the_restored_step(tmp_path):
+    wd = Workdir(tmp_path, create=True)
+    written = [(0, "batch", 1), (2, "batch", 1), (2, "batch", 2), (2, "eval", 1), (4, "batch", 1)]
+    wd.analysis_path.write_text("".join(json.dumps({"step": s, "bn": b, "loss": v}) + "\n" for s, b, v in written)
+                                + '{"step": 6, "bn"')  # a killed attempt's records after step 2, one torn
+    with wd:
+        _, kept = wd.analysis_log(keep_through=2, report=lambda *_: None)
+    assert [(r["step"], r["bn"], r["loss"]) for r in kept] == [(0, "batch", 1), (2, "batch", 2), (2, "eval", 1)]
+    assert wd.analysis_records() == kept  # the file now holds just them

@@ -3,8 +3,9 @@
 `TrainingMonitor(model, images, labels, workdir=...)` measures a model at a given step with
 the library's exact routines (`end_to_end_norms`, and with `unit_jacobians > 0` the grouped
 per-unit Jacobians of `unit_groups.measure_group`) and appends one JSON object per BatchNorm
-policy to `<workdir>/analysis.jsonl` (written, flushed and fsynced line by line), with
-TensorBoard scalars and a unit x step image under `<workdir>/tensorboard/analysis`.
+policy to the run's analysis log (`Workdir.analysis_log`: written, flushed and fsynced line by
+line), with TensorBoard scalars and a unit x step image in the run's TensorBoard events
+(`Workdir.tensorboard`, shared with the training metrics).
 
 A record (the probe batch x: (N, H, W, C); logits z: (N, C); L = mean cross-entropy over the
 N examples; h: the input of a unit, the image for `stem`):
@@ -34,7 +35,7 @@ N examples; h: the input of a unit, the image for `stem`):
   when a unit needs > 256 of them), `sigma_max` = the largest singular value of the same J by
   Lanczos to a relative Ritz residual of 1e-2 (<= 32 steps) - `unit_groups.JacobianOptions()`.
 
-Non-finite numbers are written as the strings "nan", "inf", "-inf" (as `metrics.jsonl`
+Non-finite numbers are written as the strings "nan", "inf", "-inf" (as the metrics log
 does; `float(value)` reads both forms back), so every line is strict JSON.
 
 Compiled once per run: unit ops are shared between units of one computation and cached in
@@ -49,7 +50,6 @@ import dataclasses
 import json
 import math
 import operator
-import os
 import time
 from collections.abc import Mapping
 
@@ -61,7 +61,6 @@ from jaxres.analysis.endtoend import check_labels, end_to_end
 from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
 from jaxres.analysis.unit_groups import JacobianOptions, measure_group
 from jaxres.models.scan_layout import is_stacked
-from jaxres.files import FileWriteError, JsonlAppender, TensorBoardEvents, read_jsonl
 from jaxres.workdir import Workdir
 
 
@@ -82,16 +81,9 @@ def json_safe(value):
 
 
 def read_analysis(workdir) -> list[dict]:
-    """The records of `<workdir>/analysis.jsonl` in file order (a line torn by a kill, or any
-    line without `step` and `bn`, is skipped)."""
-    records = read_jsonl(Workdir(workdir).analysis_path)
-    return [r for r in records if isinstance(r, dict) and {"step", "bn"} <= r.keys()]
-
-
-def _dedupe(records: list[dict]) -> list[dict]:
-    """One record per (step, bn), the last one written, at its position in the file."""
-    last = {(r["step"], r["bn"]): i for i, r in enumerate(records)}
-    return [r for i, r in enumerate(records) if last[(r["step"], r["bn"])] == i]
+    """The records of a run's analysis log in file order (`Workdir.analysis_records`: a line torn
+    by a kill, or any line without `step` and `bn`, is skipped)."""
+    return Workdir(workdir).analysis_records()
 
 
 def _line(record: dict) -> str:
@@ -205,11 +197,13 @@ def _record(step: int, bn: str, n: int, e2e_units: dict, loss: float, params: di
 
 class TrainingMonitor:
     """Measures a model's gradient propagation on a fixed probe batch and appends the records
-    to `<workdir>/analysis.jsonl` (format: module docstring).
+    to the analysis log of `workdir` (format: module docstring).
 
     model: a unit-interface model; images: float NHWC (N, H, W, C), N >= 2; labels: int (N,);
     bn: BatchNorm policies measured at every step (tuple or "eval,batch"); unit_jacobians:
     per-unit Jacobians on that many evenly spaced inner units (0: none; costs extra JVP/VJPs).
+    workdir: a path, or a run's `Workdir` (training passes its own: the monitor then writes
+    through it and shares its TensorBoard writer; the workdir closes them).
     resume_step: a resumed run's restored step; records after it are dropped (the file is
     rewritten atomically), so a killed-and-resumed run ends with the records of an
     uninterrupted one; TensorBoard events after it are purged. Records are kept unique by
@@ -217,7 +211,7 @@ class TrainingMonitor:
     cache: compiled unit code to share with other monitors of this process (default: a new
     one). Bad arguments raise ValueError, an unwritable workdir OSError, here - before training;
     a record that cannot be written later raises `jaxres.files.FileWriteError` naming the file.
-    report: where a torn last line of analysis.jsonl, set aside on opening, is reported.
+    report: where a torn last line of the analysis log, set aside on opening, is reported.
     """
 
     def __init__(self, model, images, labels, *, workdir, bn=("batch",), unit_jacobians: int = 0,
@@ -232,24 +226,15 @@ class TrainingMonitor:
         resume_step = None if resume_step is None else check_step(resume_step, "resume_step (None: a new run)")
         self.unit_jacobians = unit_jacobians
         self.jacobian_options = JacobianOptions()
-        self.workdir = Workdir(workdir, create=True)  # OSError naming the fix when it cannot be written
+        self.own_workdir = not isinstance(workdir, Workdir)
+        # a path: OSError naming the fix when it cannot be written
+        self.workdir = Workdir(workdir, create=True) if self.own_workdir else workdir
         self.path = self.workdir.analysis_path
-        try:
-            existed = self.path.exists()
-            self.lines = JsonlAppender(self.path, fsync=True, report=report)  # sets a torn last line aside
-            kept = [r for r in read_analysis(workdir) if resume_step is None or r["step"] <= resume_step]
-            self.records = _dedupe(kept)
-            if existed:  # drops later steps and duplicates
-                self.lines.rewrite(self.records, _line)
-        except OSError as e:
-            reason = os.strerror(e.errno) if e.errno else str(e)
-            raise FileWriteError(e.errno, f"cannot rewrite or append to {self.path} ({reason}); pass a "
-                                          f"writable workdir") from e
+        self.lines, self.records = self.workdir.analysis_log(keep_through=resume_step, report=report)
         self.cache = ReusedSegments() if cache is None else cache
         self.tb = None
         if tensorboard:
-            purge = None if resume_step is None else resume_step + 1
-            self.tb = TensorBoardEvents(self.workdir.tensorboard_dir / "analysis", purge_step=purge)
+            self.tb = self.workdir.tensorboard(purge_step=None if resume_step is None else resume_step + 1)
 
     def recorded_steps(self) -> set[int]:
         """Steps whose records exist for every policy of `bn` (a step cut short is not one)."""
@@ -333,9 +318,10 @@ class TrainingMonitor:
             self.tb.add_scalar(tag, value, step)
 
     def close(self) -> None:
+        """Closes the analysis log, and the workdir this monitor opened from a path."""
         self.lines.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.own_workdir:
+            self.workdir.close()
 
     def __enter__(self):
         return self

@@ -34,7 +34,7 @@ from jaxres import __version__
 COMMANDS = {
     "models": "list the model zoo: parameters, MACs, input size, paper",
     "convert": "convert published weights (torchvision VGG/ResNet) to a jaxres weights file",
-    "train": "train a model from an experiments/configs recipe (resumes from the workdir)",
+    "train": "train a model from a recipe (resumes from the workdir)",
     "eval": "evaluate a training run's checkpoint on the full eval split",
     "data": "list, import (offline IDX files) or prepare (TFDS download) datasets",
     "bench": "time a training step: compile, step time, images/s, MFU (optionally vs PyTorch)",

@@ -20,8 +20,8 @@ def register(subparsers) -> None:
         "degradation",
         help="plain vs residual nets of two depths on Fashion-MNIST over seeds, with interventions on the deep "
              "plain net; gradients measured during training",
-        description="He et al. 2015 (Fig. 1, 6, 7) on Fashion-MNIST with the recipe "
-                    "experiments/configs/degradation.py: do deeper plain nets train worse, and is it because of their "
+        description="He et al. 2015 (Fig. 1, 6, 7) on Fashion-MNIST with the recipe degradation "
+                    "(jaxres/configs/degradation.py): do deeper plain nets train worse, and is it because of their "
                     "gradients? Runs every condition x model x seed, then writes the figures (degradation_errors, "
                     "conditions_errors, gradient_heatmaps, gradient_ratio, kernel_steps, response_std .png), "
                     "results.md and results.json (means with 95% intervals over seeds, differences paired by seed) "
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     degr.add_argument("--conditions", default=None,
                       help="comma-separated recipe conditions: baseline runs on every model, the others on the deepest "
                            "plain model (skipinit: the deepest residual one); default: baseline,warmup,equalized,"
-                           "delta_orthogonal,textbook. See experiments/configs/degradation.py CONDITIONS")
+                           "delta_orthogonal,textbook. See jaxres/configs/degradation.py CONDITIONS")
     degr.add_argument("--seeds", default=None,
                       help="N (seeds 0 .. N-1) or a comma-separated list (one seed: '5,'); default 3 (with --quick 2)")
     degr.add_argument("--num-steps", type=int, default=None, help="steps per run (default: the recipe's)")

@@ -1,4 +1,5 @@
-"""`jaxres train --config PATH[:ARG] --workdir DIR [--config.FIELD=VALUE ...]`."""
+"""`jaxres train --config NAME[:ARG] --workdir DIR [--config.FIELD=VALUE ...]`: a recipe of
+`jaxres.configs` by name, or a config file of the user's own by its path (PATH.py[:ARG])."""
 
 from __future__ import annotations
 
@@ -35,17 +36,20 @@ def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
+    from jaxres.configs import recipe_names
+
     parser = subparsers.add_parser(
         "train",
-        help="train a model from an experiments/configs recipe (resumes from the workdir)",
+        help="train a model from a recipe (resumes from the workdir)",
         description="Train with a config recipe. Rerunning the same command resumes from the latest complete "
                     "checkpoint in --workdir; SIGTERM saves a checkpoint and exits. Metrics go to "
                     "WORKDIR/metrics.jsonl and WORKDIR/tensorboard.",
-        epilog="example: jaxres train --config experiments/configs/cifar10.py:resnet20 --workdir runs/r20 "
+        epilog="example: jaxres train --config cifar10:resnet20 --workdir runs/r20 "
                "--config.num_steps=1000",
     )
-    parser.add_argument("--config", required=True, metavar="PATH[:ARG]",
-                        help="config file and its argument, e.g. experiments/configs/cifar10.py:resnet56")
+    parser.add_argument("--config", required=True, metavar="NAME[:ARG]",
+                        help=f"a recipe and its argument, e.g. cifar10:resnet56 (recipes: {', '.join(recipe_names())}), "
+                             f"or a config file of your own: path/to/file.py[:ARG]")
     parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and TensorBoard logs")
     accept_config_overrides(parser)
     parser.set_defaults(func=run, on_interrupt="rerun the same command to resume from the last checkpoint")

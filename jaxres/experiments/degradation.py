@@ -2,7 +2,7 @@
 with gradient propagation measured during training and interventions on the deep plain net.
 
 `run_degradation(OUT)` trains every (condition, model, seed) of the grid (`plan`) with the
-recipe `experiments/configs/degradation.py` by `jaxres.train.train_and_evaluate`, one after
+recipe `jaxres.configs.degradation` by `jaxres.train.train_and_evaluate`, one after
 the other in this process, seed by seed (a partial grid holds whole seeds), each in its own
 ordinary `jaxres train` workdir `OUT/runs/<condition>/<model>/seed<k>`: rerunning resumes an
 interrupted run and skips a finished one. After each run it rewrites the figures,
@@ -12,7 +12,6 @@ results.md and results.json in OUT (`degradation_plots.write_outputs`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 
 from jaxres.experiments import degradation_plots
 
-RECIPE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "degradation.py"
 MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")
 QUICK_MODELS = ("cifar_plain8", "cifar_plain14", "cifar_resnet8", "cifar_resnet14")
 # skipinit (no BatchNorm, zero-init residual branches) is opt-in: --conditions ...,skipinit
@@ -48,23 +46,11 @@ class RunSpec:
         return f"{self.condition}/{self.model}/seed{self.seed}"
 
 
-def recipe_module():
-    """The recipe file `experiments/configs/degradation.py` as a module (its CONDITIONS and checks)."""
-    if not RECIPE.is_file():
-        raise FileNotFoundError(f"the degradation recipe {RECIPE} is missing; run from a jaxres source checkout")
-    spec = importlib.util.spec_from_file_location("jaxres_degradation_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def recipe(model: str, num_steps: int | None = None, condition: str = "baseline", seed: int = 0):
-    """The config of one run: `get_config("MODEL,CONDITION[,NUM_STEPS]")` of the recipe file, with `seed`."""
+    """The config of one run: `get_config("MODEL,CONDITION[,NUM_STEPS]")` of the recipe, with `seed`."""
     from jaxres.train import load_config
 
-    if not RECIPE.is_file():
-        raise FileNotFoundError(f"the degradation recipe {RECIPE} is missing; run from a jaxres source checkout")
-    config = load_config(f"{RECIPE}:{model},{condition}" + (f",{num_steps}" if num_steps else ""))
+    config = load_config(f"degradation:{model},{condition}" + (f",{num_steps}" if num_steps else ""))
     config.seed = seed
     config.progress_bar = sys.stderr.isatty()
     return config
@@ -93,31 +79,31 @@ def plan(models=MODELS, conditions=CONDITIONS, seeds=SEEDS) -> list[RunSpec]:
     """The grid: the baseline on every model; every other condition on the deepest plain model
     (conditions that need residual branches: the deepest residual model), with every seed;
     ordered seed by seed. Bad names and combinations raise a ValueError before anything runs."""
-    recipe_file = recipe_module()
+    from jaxres.configs import degradation as degradation_recipe  # its CONDITIONS and checks
     if not models:
         raise ValueError("--models is empty: name at least one cifar_plainD / cifar_resnetD model")
     if not conditions:
-        raise ValueError(f"--conditions is empty: name at least one of {', '.join(recipe_file.CONDITIONS)}")
+        raise ValueError(f"--conditions is empty: name at least one of {', '.join(degradation_recipe.CONDITIONS)}")
     for name in (*models, *conditions):
         if (models + conditions).count(name) > 1:
             raise ValueError(f"{name!r} is listed twice in --models / --conditions")
-    parsed = {m: recipe_file.parse_model(m) for m in models}  # (residual, depth)
+    parsed = {m: degradation_recipe.parse_model(m) for m in models}  # (residual, depth)
     runs = []
     for condition in conditions:
-        if condition not in recipe_file.CONDITIONS:
+        if condition not in degradation_recipe.CONDITIONS:
             raise ValueError(f"unknown degradation condition {condition!r} (valid: "
-                             f"{', '.join(recipe_file.CONDITIONS)})")
+                             f"{', '.join(degradation_recipe.CONDITIONS)})")
         if condition == "baseline":
             targets = list(models)
         else:
-            residual = recipe_file.CONDITIONS[condition].models == "residual"
+            residual = degradation_recipe.CONDITIONS[condition].models == "residual"
             candidates = [m for m in models if parsed[m][0] == residual]
             if not candidates:
                 raise ValueError(f"condition {condition!r} runs on the deepest {'residual' if residual else 'plain'} "
                                  f"model of --models, and there is none in {', '.join(models)}")
             targets = [max(candidates, key=lambda m: parsed[m][1])]
         for model in targets:
-            recipe_file.check_condition(condition, model)
+            degradation_recipe.check_condition(condition, model)
             runs += [RunSpec(seed, condition, model) for seed in seeds]
     return sorted(runs, key=lambda r: (r.seed, conditions.index(r.condition), models.index(r.model)))
 

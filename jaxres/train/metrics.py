@@ -1,5 +1,5 @@
-"""Where metrics go: a JSON-lines file and TensorBoard event files in the work dir, plus
-the final summary table printed at the end of a run and the step timer of a logging window."""
+"""Where metrics go: the run's metrics log and TensorBoard events (handed out by its `Workdir`),
+plus the final summary table printed at the end of a run and the step timer of a logging window."""
 
 from __future__ import annotations
 
@@ -7,26 +7,25 @@ import contextlib
 import math
 import time
 
-from jaxres.files import JsonlAppender, TensorBoardEvents
 from jaxres.workdir import Workdir
 
 
 class MetricsWriter:
     """Appends `{"step": s, "split": "train"|"eval"|"train_eval", "time": t, name: value...}` lines
-    to the workdir's metrics.jsonl and the same scalars to TensorBoard under its `tensorboard/`
-    (tags `train/loss`, `eval/accuracy`, ...), each written unbuffered in this thread. Appending
-    keeps the history of resumed runs; steps replayed after a resume appear twice, the later line
-    being the one that counts. Opening sets a torn last line aside (`JsonlAppender`), noted in an
-    event line; a failed write raises `FileWriteError` naming the file.
+    to the run's metrics log (`Workdir.metrics_log`) and the same scalars to its TensorBoard
+    events (`Workdir.tensorboard`, shared with the gradient monitor; tags `train/loss`,
+    `eval/accuracy`, ...), each written unbuffered in this thread. Appending keeps the history of
+    resumed runs; steps replayed after a resume appear twice, the later line being the one that
+    counts. Opening sets a torn last line aside, noted in an event line; a failed write raises
+    `FileWriteError` naming the file. The workdir closes both.
     purge_step: a resumed run's first step, for TensorBoard (it hides earlier files' events
     from there on)."""
 
-    def __init__(self, workdir, *, tensorboard: bool = True, purge_step: int | None = None, report=print):
-        layout = Workdir(workdir, create=True)
-        self.path = layout.metrics_path
+    def __init__(self, workdir: Workdir, *, tensorboard: bool = True, purge_step: int | None = None, report=print):
         # one line per write: a kill loses at most a line, and the next run sets a torn one aside
-        self.lines = JsonlAppender(self.path, report=report, note=self._note)
-        self.tb = TensorBoardEvents(layout.tensorboard_dir, purge_step=purge_step) if tensorboard else None
+        self.lines = workdir.metrics_log(note=self._note, report=report)
+        self.path = self.lines.path
+        self.tb = workdir.tensorboard(purge_step=purge_step) if tensorboard else None
 
     @staticmethod
     def _note(record: dict, text: str) -> dict:
@@ -48,11 +47,6 @@ class MetricsWriter:
         """Makes the lines so far durable (before a checkpoint, so that none it covers is lost)."""
         self.lines.sync()
 
-    def close(self) -> None:
-        self.lines.close()
-        if self.tb is not None:
-            self.tb.close()
-
 
 def summary_table(rows: list[tuple[str, str]]) -> str:
     """A two-column text table (`name  value`) for the end of a run."""
@@ -63,9 +57,8 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 class StepTimer:
     """Step throughput of a logging window: its wall time less the time the loop spent on other
-    work inside it (evaluation, checkpoints, analysis: wrapped in `paused(state)`). A process's
-    first step (compilation) is timed apart by `first_step_done`, so `images_per_second` counts
-    steps alone."""
+    work inside it (its periodic actions: each runs in `paused(state)`). A process's first step
+    (compilation) is timed apart by `first_step_done`, so `images_per_second` counts steps alone."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
@@ -90,7 +83,8 @@ class StepTimer:
     @contextlib.contextmanager
     def paused(self, state=None):
         """Excludes the enclosed work from step time. Waits first for the steps already
-        dispatched on `state`, so that their device time stays counted."""
+        dispatched on `state`, so that their device time stays counted. A `lap` inside (the
+        logging action's) ends the window there: the next one excludes only what follows it."""
         if state is not None:
             import jax
 
@@ -99,7 +93,7 @@ class StepTimer:
         try:
             yield
         finally:
-            self.excluded += time.perf_counter() - began
+            self.excluded += time.perf_counter() - max(began, self.start)
 
     def lap(self) -> dict:
         """The window since the last lap, then starts the next: `step_time` (s) and

@@ -7,9 +7,9 @@ One run per invocation; `jaxres experiment degradation` runs the whole grid (con
 x seeds) and plots it:
 
     jaxres data import fashion_mnist --from /usr/share/datasets/fashion-mnist
-    jaxres train --config experiments/configs/degradation.py:cifar_plain56 --workdir runs/degr/plain56
-    jaxres train --config experiments/configs/degradation.py:cifar_plain56,warmup --config.seed=1 --workdir W
-    jaxres train --config experiments/configs/degradation.py:cifar_resnet20,300 --workdir /tmp/r20
+    jaxres train --config degradation:cifar_plain56 --workdir runs/degr/plain56
+    jaxres train --config degradation:cifar_plain56,warmup --config.seed=1 --workdir W
+    jaxres train --config degradation:cifar_resnet20,300 --workdir /tmp/r20
 
 ARG: MODEL[,CONDITION][,NUM_STEPS]. MODEL is cifar_plainD or cifar_resnetD with D = 6n+2 (8, 14,
 20, 32, 44, 56, 110); depths the registry lacks (8, 14) are built as `ResNet` from
@@ -39,8 +39,8 @@ interventions on its deepest plain net (SkipInit on its deepest residual net).
 import dataclasses
 from typing import Callable
 
+from jaxres.configs.base import base_config
 from jaxres.models import list_models
-from jaxres.train.config import base_config
 
 NUM_STEPS = 600
 EARLY_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96)

@@ -2,7 +2,7 @@
 
     apt-get install dataset-fashion-mnist    # Debian/Ubuntu; or any copy of the 4 IDX files
     jaxres data import fashion_mnist --from /usr/share/datasets/fashion-mnist
-    jaxres train --config experiments/configs/fashion_mnist.py --workdir runs/fmnist
+    jaxres train --config fashion_mnist --workdir runs/fmnist
 
 ARG (optional): "small" (default): a 3-stage CIFAR-style ResNet with one basic block per stage
 and widths 8/16/32 (option-A shortcuts, 19,074 parameters with one input channel), images
@@ -16,7 +16,7 @@ CPU time; 600 steps with /10 at 420 and 540 reach 86.92%. The full 3000-step rec
 been run here.
 """
 
-from jaxres.train.config import base_config
+from jaxres.configs.base import base_config
 
 
 def get_config(arg: str = "small"):

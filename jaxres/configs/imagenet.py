@@ -2,7 +2,7 @@
 Simonyan & Zisserman 2014.
 
     jaxres data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS   # once; needs jaxres[prepare]
-    jaxres train --config experiments/configs/imagenet.py:resnet50 --workdir runs/imagenet_resnet50
+    jaxres train --config imagenet:resnet50 --workdir runs/imagenet_resnet50
 
 ARG: resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | plain18 | plain34 | vgg16.
 
@@ -21,7 +21,7 @@ weight decay 5e-4, dropout 0.5 in the first two FC layers, lr divided by 10 thre
 (torchvision's vgg16). Time: days on one GPU; use a pod slice (see the scale-out drivers).
 """
 
-from jaxres.train.config import base_config
+from jaxres.configs.base import base_config
 
 ARGS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18", "plain34", "vgg16")
 IMAGENET_TRAIN_IMAGES = 1_281_167

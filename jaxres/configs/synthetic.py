@@ -1,6 +1,6 @@
 """Smoke run on the built-in `synthetic` dataset: no download, a minute on a laptop CPU.
 
-    jaxres train --config experiments/configs/synthetic.py --workdir /tmp/smoke
+    jaxres train --config synthetic --workdir /tmp/smoke
 
 A 3-stage ResNet with one block per stage (widths 8/16/32) on 32x32x3 class-pattern images
 with heavy noise (jaxres/data/synthetic.py). Measured on 2 shared CPU cores: 300 steps of
@@ -9,7 +9,7 @@ the 257 test images, in 113 s wall / 78 s CPU. The kill-and-resume tests use it 
 widths and fewer steps.
 """
 
-from jaxres.train.config import base_config
+from jaxres.configs.base import base_config
 
 
 def get_config(arg: str = ""):

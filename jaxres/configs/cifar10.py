@@ -1,6 +1,6 @@
 """CIFAR-10 recipes of He et al. 2015 (arXiv 1512.03385), section 4.2.
 
-    jaxres train --config experiments/configs/cifar10.py:resnet56 --workdir runs/cifar10_resnet56
+    jaxres train --config cifar10:resnet56 --workdir runs/cifar10_resnet56
 
 ARG: resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | resnet1202 | plain20 | plain32 |
 plain44 | plain56 | plain110.
@@ -21,7 +21,7 @@ Expected test error (Table 6): ResNet-20 8.75%, -32 7.51%, -44 7.17%, -56 6.97%,
 is far higher. Time: about 1-2 h for ResNet-20 on one modern GPU; CPUs are far slower.
 """
 
-from jaxres.train.config import base_config
+from jaxres.configs.base import base_config
 
 DEPTHS = {"resnet": (20, 32, 44, 56, 110, 1202), "plain": (20, 32, 44, 56, 110)}
 
