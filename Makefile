@@ -1,9 +1,28 @@
 # Quickstart: `make demo` and `make test` on a fresh clone with Python >= 3.11.
-PYTHON ?= python3
+#
+# The venv is made with the newest Python >= 3.11 on the machine, because pip resolves the newest
+# JAX there, which trains faster on CPU (README, Quickstart): python3.X on PATH or pyenv's newest
+# 3.X.Y, X from 20 down to 11 (a
+# pyenv shim of a version that is not selected fails to run and is passed over), else python3.
+# `make PYTHON=python3.11 ...` picks another; `make python` prints the choice.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell \
+  root=$${PYENV_ROOT:-$$HOME/.pyenv}; \
+  for x in 20 19 18 17 16 15 14 13 12 11; do \
+    for p in python3.$$x $$(ls -d "$$root"/versions/3.$$x.* 2>/dev/null | grep -E '/3\.[0-9]+\.[0-9]+$$' \
+                            | sort -rV | sed "s|$$|/bin/python3.$$x|"); do \
+      if "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then echo "$$p"; exit 0; fi; \
+    done; \
+  done; \
+  echo python3)
+endif
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast clean python
+
+python:
+	@echo $(PYTHON)
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxres needs Python >= 3.11; run make PYTHON=python3.11")'

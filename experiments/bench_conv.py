@@ -1,15 +1,20 @@
-"""Convolution kernel gradient: XLA's vs jaxres.models.conv's, on the zoo's conv shapes.
+"""Convolution kernel gradient on the zoo's conv shapes: XLA's rule against each of
+jaxres.models.conv's CPU rules.
 
-    python experiments/bench_conv.py [--json PATH] [--only 32x16]
+    python experiments/bench_conv.py [--json PATH] [--only 8x56x56] [--repeats 7]
 
-Prints a table (milliseconds, median of --repeats synchronized calls after a warm-up call) of
-the forward convolution, the input gradient and the kernel gradient by XLA, the kernel gradient
-by jaxres and their ratio, with the largest relative difference of the two kernel gradients.
-jaxres uses tap matmuls over cached batch chunks where `jaxres.models.conv._taps_pay_off` says
-they were measured faster (the `rule` column), else XLA's kernel gradient on pre-transposed
-arrays; these measurements are where that rule comes from. Rerun it on a new jaxlib: the rule
-holds while `speedup` stays >= 1 on the `taps` rows. Made for XLA:CPU; on other backends jaxres uses
-XLA's rule and the two columns agree.
+Prints a table (milliseconds, median (min) of --repeats synchronized calls after a warm-up
+call, the variants interleaved call by call so load drifts hit them alike) of the forward
+convolution, the input gradient by XLA's own rule (`dx lax`) and by jaxres's under the chosen
+rule (`dx jaxres`: a matrix product for strided 1x1 kernels; it includes one elementwise pass
+over the gradient, the transpose of the input's `_materialized`, which in a network fuses with
+its neighbours), and the kernel gradient by XLA's own rule (`lax`) and by each
+rule `jaxres.models.conv` has: "xla" (XLA's kernel gradient on arrays transposed up front),
+"taps" (tap matmuls over cached batch chunks) and "matmul" (1x1 kernels: one GEMM over
+N*H*W), with the rule `kernel_gradient_rule` picks (`rule`), its speedup over `lax` (medians)
+and the largest relative difference of its kernel gradient from XLA's. These measurements are
+where the rule comes from; rerun it on a new jaxlib: the rule holds while the chosen column
+stays the fastest. Made for XLA:CPU; on other backends jaxres uses XLA's rule unchanged.
 """
 
 from __future__ import annotations
@@ -23,25 +28,37 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxres.models.conv import NHWC, _taps_pay_off, conv_general_dilated
+from jaxres.models.conv import NHWC, _conv, _materialized, kernel_gradient_rule
 
 # (batch, side, c_in, c_out, kernel, stride): CIFAR ResNet stages at batch 128, ImageNet
-# ResNet/VGG layers at batch 8.
+# ResNet/VGG layers at batch 8 (the 1x1 rows: every 1x1 shape of torchvision's ResNet-50).
 SHAPES = [
     (128, 32, 16, 16, 3, 1), (128, 16, 32, 32, 3, 1), (128, 8, 64, 64, 3, 1), (128, 32, 16, 32, 3, 2),
     (8, 224, 3, 64, 7, 2), (8, 56, 64, 64, 3, 1), (8, 28, 128, 128, 3, 1), (8, 14, 256, 256, 3, 1),
     (8, 7, 512, 512, 3, 1), (8, 224, 64, 64, 3, 1), (8, 112, 128, 128, 3, 1),
+    (8, 56, 64, 64, 1, 1), (8, 56, 64, 256, 1, 1), (8, 56, 256, 64, 1, 1), (8, 56, 256, 128, 1, 1),
+    (8, 56, 256, 512, 1, 2), (8, 28, 128, 512, 1, 1), (8, 28, 512, 128, 1, 1), (8, 28, 512, 256, 1, 1),
+    (8, 28, 512, 1024, 1, 2), (8, 14, 256, 1024, 1, 1), (8, 14, 1024, 256, 1, 1), (8, 14, 1024, 512, 1, 1),
+    (8, 14, 1024, 2048, 1, 2), (8, 7, 512, 2048, 1, 1), (8, 7, 2048, 512, 1, 1),
 ]
+RULES = ("xla", "taps", "matmul")
 
 
-def median_ms(f, *args, repeats: int) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
+def interleaved_ms(calls: dict, repeats: int) -> dict:
+    """{name: (min ms, median ms)} of synchronized calls, one of each per round."""
+    for f in calls.values():
+        jax.block_until_ready(f())
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, f in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+
+
+def label(n, side, cin, cout, k, s) -> str:
+    return f"{n}x{side}x{side}x{cin}->{cout} k{k}s{s}"
 
 
 def bench_shape(n, side, cin, cout, k, s, repeats: int) -> dict:
@@ -50,44 +67,54 @@ def bench_shape(n, side, cin, cout, k, s, repeats: int) -> dict:
     w = jax.random.normal(keys[1], (k, k, cin, cout)) / (k * k * cin) ** 0.5
     padding = ((k // 2, k // 2), (k // 2, k // 2))
 
-    def conv(impl):
-        return lambda x, w: impl(x, w, (s, s), padding, dimension_numbers=NHWC)
+    def xla_conv(x, w):
+        return lax.conv_general_dilated(x, w, (s, s), padding, dimension_numbers=NHWC)
 
-    g = jax.random.normal(keys[2], conv(lax.conv_general_dilated)(x, w).shape)
-    forward = jax.jit(conv(lax.conv_general_dilated))
-    grad_x = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(lax.conv_general_dilated)(x, w), x)[1](g)[0])
-    kernel = {name: jax.jit(lambda x, w, g, impl=impl: jax.vjp(lambda w: conv(impl)(x, w), w)[1](g)[0])
-              for name, impl in (("xla", lax.conv_general_dilated), ("jaxres", conv_general_dilated))}
-    ref, ours = kernel["xla"](x, w, g), kernel["jaxres"](x, w, g)
+    def rule_conv(rule):
+        return lambda x, w: _conv(_materialized(x), w, (s, s), padding, None, rule)
+
+    g = jax.random.normal(keys[2], xla_conv(x, w).shape)
+    kernel_grad = {"lax": xla_conv} | {rule: rule_conv(rule) for rule in RULES if rule != "matmul" or k == 1}
+    kernel_grad = {name: jax.jit(lambda x, w, g, f=f: jax.vjp(lambda w: f(x, w), w)[1](g)[0])
+                   for name, f in kernel_grad.items()}
     out_side = (side + 2 * (k // 2) - k) // s + 1
-    rule = "taps" if jax.default_backend() == "cpu" and _taps_pay_off(w.shape, out_side * out_side) else "xla"
-    row = {"shape": f"{n}x{side}x{side}x{cin}->{cout} k{k}s{s}", "rule": rule, "forward_ms": median_ms(forward, x, w, repeats=repeats),
-           "grad_input_ms": median_ms(grad_x, x, w, g, repeats=repeats),
-           "grad_kernel_xla_ms": median_ms(kernel["xla"], x, w, g, repeats=repeats),
-           "grad_kernel_jaxres_ms": median_ms(kernel["jaxres"], x, w, g, repeats=repeats),
-           "max_rel_diff": float(jnp.max(jnp.abs(ref - ours)) / jnp.max(jnp.abs(ref)))}
-    row["speedup"] = row["grad_kernel_xla_ms"] / row["grad_kernel_jaxres_ms"]
-    return row
+    chosen = kernel_gradient_rule(w.shape, out_side * out_side) if jax.default_backend() == "cpu" else "lax"
+    forward = jax.jit(xla_conv)
+    grad_x = {name: jax.jit(lambda x, w, g, f=f: jax.vjp(lambda x: f(x, w), x)[1](g)[0])
+              for name, f in (("lax", xla_conv), ("jaxres", rule_conv(chosen)))}
+    calls = {"forward": lambda: forward(x, w)}
+    calls |= {f"input_{name}": lambda f=f: f(x, w, g) for name, f in grad_x.items()}
+    calls |= {f"kernel_{name}": lambda f=f: f(x, w, g) for name, f in kernel_grad.items()}
+    ms = interleaved_ms(calls, repeats)
+    ref, ours = kernel_grad["lax"](x, w, g), kernel_grad[chosen](x, w, g)
+    return {"shape": label(n, side, cin, cout, k, s), "rule": chosen,
+            "ms_min": {name: v[0] for name, v in ms.items()}, "ms_median": {name: v[1] for name, v in ms.items()},
+            "speedup": ms["kernel_lax"][1] / ms[f"kernel_{chosen}"][1],
+            "max_rel_diff": float(jnp.max(jnp.abs(ref - ours)) / jnp.max(jnp.abs(ref)))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", help="substring of the shape label, e.g. 128x32x32")
+    parser.add_argument("--only", help="substring of the shape label, e.g. 128x32x32 or k1")
     args = parser.parse_args()
-    print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print(f"{'shape':<30} {'rule':>5} {'fwd':>8} {'d input':>8} {'d kernel XLA':>13} {'jaxres':>8} {'speedup':>8} "
-          f"{'rel diff':>9}")
+    print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+          f"ms, median (min) of {args.repeats} interleaved calls")
+    columns = ("forward", "input_lax", "input_jaxres", "kernel_lax") + tuple(f"kernel_{r}" for r in RULES)
+    print(f"{'shape':<32} {'rule':>6} " + " ".join(f"{c.replace('kernel_', 'dW ').replace('input_', 'dx '):>14}"
+                                                   for c in columns)
+          + f" {'speedup':>8} {'rel diff':>9}")
     rows = []
     for shape in SHAPES:
-        label = f"{shape[0]}x{shape[1]}x{shape[1]}x{shape[2]}"
-        if args.only and args.only not in label:
+        if args.only and args.only not in label(*shape):
             continue
         r = bench_shape(*shape, repeats=args.repeats)
         rows.append(r)
-        print(f"{r['shape']:<30} {r['rule']:>5} {r['forward_ms']:>8.1f} {r['grad_input_ms']:>8.1f} {r['grad_kernel_xla_ms']:>13.1f} "
-              f"{r['grad_kernel_jaxres_ms']:>8.1f} {r['speedup']:>7.1f}x {r['max_rel_diff']:>9.1e}", flush=True)
+        cells = [f"{r['ms_median'][c]:>7.1f} ({r['ms_min'][c]:>5.1f})" if c in r["ms_median"] else f"{'-':>14}"
+                 for c in columns]
+        print(f"{r['shape']:<32} {r['rule']:>6} " + " ".join(cells)
+              + f" {r['speedup']:>7.2f}x {r['max_rel_diff']:>9.1e}", flush=True)
     text = json.dumps({"backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, indent=1)
     if args.json:
         with open(args.json, "w") as f:

@@ -4,6 +4,8 @@ Reference: jax.lax.conv_general_dilated and JAX's own derivative rules (forward,
 input and kernel, JVP, second order). Float32 tolerance: relative 1e-5 of the largest entry
 (only the summation order differs)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from jax import lax
 
 import jaxres.models.conv as conv_module
-from jaxres.models.conv import NHWC, _chunk, _taps_pay_off, conv_general_dilated
+from jaxres.models.conv import NHWC, _chunk, _taps_pay_off, conv_general_dilated, kernel_gradient_rule
 
 CASES = [  # (batch, side, c_in, c_out, kernel, stride, pad): every conv shape the zoo uses
     (4, 8, 3, 5, 3, 1, 1),  # CIFAR stem / basic block
@@ -19,7 +21,13 @@ CASES = [  # (batch, side, c_in, c_out, kernel, stride, pad): every conv shape t
     (4, 8, 4, 6, 1, 2, 0),  # projection shortcut
     (1, 9, 2, 3, 7, 2, 3),  # ImageNet stem
     (3, 5, 4, 4, 1, 1, 0),  # bottleneck 1x1
+    (2, 7, 3, 5, 1, 2, 0),  # projection shortcut, odd side
+    (2, 6, 3, 4, 1, 3, 1),  # 1x1 with padding and a stride that leaves pixels out (none in the zoo)
 ]
+
+
+def _rules(kernel):  # "matmul" exists for 1x1 kernels only
+    return ["xla", "taps"] + (["matmul"] if kernel == 1 else [])
 
 
 def _loss(impl, stride, pad):
@@ -34,16 +42,14 @@ def _close(a, b, rtol=1e-5):
     np.testing.assert_allclose(b, a, rtol=0, atol=rtol * np.abs(a).max())
 
 
-@pytest.fixture(params=["xla kernel gradient", "tap-matmul kernel gradient"])
-def kernel_gradient(request, monkeypatch):
-    """Both kernel-gradient paths, whatever `_taps_pay_off` picks for these small shapes."""
-    taps = request.param.startswith("tap")
-    monkeypatch.setattr(conv_module, "_taps_pay_off", lambda kernel_shape, pixels: taps)
-    return taps
+def _force(monkeypatch, rule):
+    """Every layer takes kernel-gradient `rule`, whatever `kernel_gradient_rule` picks."""
+    monkeypatch.setattr(conv_module, "kernel_gradient_rule", lambda kernel_shape, pixels: rule)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_value_and_gradients_match_xla(case, kernel_gradient):
+@pytest.mark.parametrize("case, rule", [(case, rule) for case in CASES for rule in _rules(case[4])])
+def test_value_and_gradients_match_xla(case, rule, monkeypatch):
+    _force(monkeypatch, rule)
     n, side, cin, cout, k, s, p = case
     x = jax.random.normal(jax.random.key(0), (n, side, side, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
@@ -55,10 +61,12 @@ def test_value_and_gradients_match_xla(case, kernel_gradient):
     _close(jax.jvp(ref, (x, w), (tx, tw))[1], jax.jvp(new, (x, w), (tx, tw))[1])
 
 
-def test_second_order_matches_xla(kernel_gradient):
+@pytest.mark.parametrize("kernel, pad, rule", [(3, 1, "xla"), (3, 1, "taps"), (1, 0, "matmul")])
+def test_second_order_matches_xla(kernel, pad, rule, monkeypatch):
+    _force(monkeypatch, rule)
     x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 2, 2))
-    ref, new = _loss(lax.conv_general_dilated, 2, 1), _loss(conv_general_dilated, 2, 1)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 2, 2))
+    ref, new = _loss(lax.conv_general_dilated, 2, pad), _loss(conv_general_dilated, 2, pad)
     _close(jax.hessian(ref, 1)(x, w), jax.hessian(new, 1)(x, w))
     _close(jax.jacfwd(jax.grad(ref, 0), 1)(x, w), jax.jacfwd(jax.grad(new, 0), 1)(x, w))
 
@@ -74,9 +82,10 @@ def test_other_convolutions_fall_through_to_xla():
     assert "custom_jvp" in str(jax.make_jaxpr(lambda x, w: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC))(x, w1))
 
 
-def test_string_padding_and_bfloat16():
+@pytest.mark.parametrize("kernel", [3, 1])  # rules "xla" and "matmul"
+def test_string_padding_and_bfloat16(kernel):
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3)).astype(jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 4)).astype(jnp.bfloat16)
     for impl in (lax.conv_general_dilated, conv_general_dilated):
         assert impl(x, w, (2, 2), "SAME", dimension_numbers=NHWC).shape == (4, 4, 4, 4)
     f = lambda impl: lambda w: jnp.sum(impl(x, w, (2, 2), "SAME", dimension_numbers=NHWC).astype(jnp.float32) ** 2)
@@ -104,6 +113,29 @@ def test_chunks_divide_the_batch_and_fit_the_budget():
 ])
 def test_taps_where_they_were_measured_faster(kernel, pixels, taps):
     assert _taps_pay_off(kernel, pixels) is taps
+
+
+@pytest.mark.parametrize("kernel, pixels, rule", [
+    ((1, 1, 256, 64), 56 * 56, "matmul"),  # every 1x1 kernel, any stride: experiments/bench_conv.py
+    ((1, 1, 1024, 2048), 7 * 7, "matmul"),  # measured 1.4-16x faster than XLA's on ResNet-50's 1x1 shapes
+    ((3, 3, 16, 16), 32 * 32, "xla"),
+    ((3, 3, 128, 128), 112 * 112, "taps"),
+])
+def test_kernel_gradient_rule(kernel, pixels, rule):
+    assert kernel_gradient_rule(kernel, pixels) == rule
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_1x1_kernel_gradient_is_one_matrix_product(stride):
+    """On CPU the compiled kernel gradient of a 1x1 conv is a dot over N*H*W, with no
+    convolution and no transpose of the input or the output gradient."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 4, 6))
+    g = jax.random.normal(jax.random.key(2), (2, 8 // stride, 8 // stride, 6))
+    kernel_grad = jax.jit(lambda x, w, g: jax.vjp(
+        lambda w: conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=NHWC), w)[1](g)[0])
+    ops = set(re.findall(r"= \S+ ([\w-]+)\(", kernel_grad.lower(x, w, g).compile().as_text()))
+    assert "dot" in ops and not ops & {"convolution", "transpose", "copy"}, ops
 
 
 def test_materialized_input_keeps_every_bit():

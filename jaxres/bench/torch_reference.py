@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
-import time
 
 
 def _torch():
@@ -65,33 +63,30 @@ def torch_model(name: str, num_classes: int):
     raise ValueError(f"no PyTorch counterpart for {name!r}: --torch covers torchvision's VGG/ResNets and cifar_resnet/cifar_plain")
 
 
-def bench_torch_train_step(name: str, *, batch_size: int, input_size: int, num_classes: int,
-                           steps: int = 10, warmup: int = 2, dtype: str = "float32") -> dict:
-    """Median seconds of one SGD-momentum training step of the PyTorch model on the CPU."""
+def torch_step(name: str, *, batch_size: int, input_size: int, num_classes: int, dtype: str = "float32",
+               mode: str = "train"):
+    """(step, threads): one synchronous step of the PyTorch model on the CPU, on a fixed
+    normal(0, 1) batch (NCHW), using every core this process may run on. "train": SGD with
+    momentum, cross-entropy, train-mode BatchNorm, like `jaxres.bench.train_step`; "inference":
+    the eval-mode forward pass and the loss under `torch.inference_mode`."""
     torch, _ = _torch()
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.manual_seed(0)
-    model = torch_model(name, num_classes).train()
+    model = torch_model(name, num_classes).train(mode == "train")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-    def step():
+    def train_step():
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
 
-    for _ in range(warmup + 1):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    return {"framework": f"torch {torch.__version__}", "model": name, "batch_size": batch_size,
-            "input_size": input_size, "dtype": dtype, "step_s": step_s, "images_per_s": batch_size / step_s,
-            "threads": torch.get_num_threads()}
+    def inference_step():
+        with torch.inference_mode(), autocast:
+            torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+    return (train_step if mode == "train" else inference_step), torch.get_num_threads()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 
 from jaxres.bench.train_step import bench_train_step
 from jaxres.models import model_card
@@ -10,20 +13,18 @@ from jaxres.train.drivers import DRIVERS
 from jaxres.train.precision import COMPUTE_DTYPES
 
 
-HEADER = (f"{'model':<18} {'fw':<6} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
-          f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'torch/jax':>9}")
+HEADER = (f"{'model':<18} {'mode':<9} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
+          f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
 
 
 def format_rows(rows, header: bool = True) -> str:
+    """Rows of `bench_train_step` as a text table."""
     lines = [HEADER, "-" * len(HEADER)] if header else []
     for r in rows:
-        fw = "jax" if r["framework"] == "jax" else "torch"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        tflops = f"{r['model_tflops_per_s']:.3f}" if "model_tflops_per_s" in r else "-"
-        ratio = f"{r['torch_over_jax']:.2f}x" if "torch_over_jax" in r else ""
-        lines.append(f"{r['model']:<18} {fw:<6} {r['batch_size']:>5} {r['dtype']:<8} {r.get('driver', '-'):<7} "
-                     f"{compile_s:>9} {1e3 * r['step_s']:>9.1f} {r['images_per_s']:>9.1f} {tflops:>8} {mfu:>6} {ratio:>9}")
+        lines.append(f"{r['model']:<18} {r['mode']:<9} {r['batch_size']:>5} {r['dtype']:<8} {r['driver']:<7} "
+                     f"{r['compile_s']:>9.1f} {1e3 * r['step_s']:>9.1f} {r['images_per_s']:>9.1f} "
+                     f"{r['model_tflops_per_s']:>8.3f} {mfu:>6}")
     return "\n".join(lines)
 
 
@@ -39,26 +40,47 @@ def execution_overrides(args) -> dict:
     return {"scan_units": True, "remat_units": args.remat}
 
 
+def side_by_side(args, overrides: dict) -> list[dict]:
+    """--torch: each framework in a worker process of its own, steps interleaved."""
+    from jaxres.bench.side_by_side import Side, format_table, interleaved
+
+    for python in (args.jax_python, args.torch_python):
+        if shutil.which(python) is None:
+            raise ValueError(f"no Python at {python!r}: pass --jax-python/--torch-python PATH to an interpreter")
+    jax_side, torch_side = Side("jax", args.jax_python), Side("torch", args.torch_python)
+    rows = []
+    print(f"each framework in its own process, {args.steps} rounds of steps alternating jax torch / torch jax, "
+          f"after 1 + {args.warmup} warm-up steps; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs",
+          flush=True)
+    for name in args.models:
+        card = model_card(name)
+        spec = {"model": name, "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
+                "input_size": args.input_size or card.input_size, "num_classes": card.num_classes,
+                "warmup": args.warmup, "driver": args.driver, "overrides": overrides}
+        rows.append(interleaved(jax_side, torch_side, spec, rounds=args.steps))
+        print(format_table(rows[-1:]), flush=True)
+    sides = {s: rows[0][s] for s in ("jax", "torch")}
+    for s, summary in sides.items():
+        print(f"{s}: {summary['framework']} on Python {summary['python']} ({summary['executable']})")
+    if len(rows) > 1:
+        print(format_table(rows))
+    return rows
+
+
 def run(args) -> int:
     rows = []
     for name in args.models:
         model_card(name)  # unknown names fail before anything compiles
     overrides = execution_overrides(args)
-    print(format_rows([]), flush=True)
-    for name in args.models:
-        row = bench_train_step(name, batch_size=args.batch_size, dtype=args.dtype, driver=args.driver,
-                               steps=args.steps, warmup=args.warmup, input_size=args.input_size,
-                               peak_tflops=args.peak_tflops, **overrides)
-        rows.append(row)
-        if args.torch:
-            from jaxres.bench.torch_reference import bench_torch_train_step
-
-            ref = bench_torch_train_step(name, batch_size=args.batch_size, input_size=row["input_size"],
-                                         num_classes=model_card(name).num_classes, steps=args.steps,
-                                         warmup=args.warmup, dtype=args.dtype)
-            ref["torch_over_jax"] = ref["step_s"] / row["step_s"]
-            rows.append(ref)
-        print(format_rows(rows[-1 - args.torch:], header=False), flush=True)
+    if args.torch:
+        rows = side_by_side(args, overrides)
+    else:
+        print(format_rows([]), flush=True)
+        for name in args.models:
+            rows.append(bench_train_step(name, batch_size=args.batch_size, dtype=args.dtype, driver=args.driver,
+                                         steps=args.steps, warmup=args.warmup, input_size=args.input_size,
+                                         peak_tflops=args.peak_tflops, mode=args.mode, **overrides))
+            print(format_rows(rows[-1:], header=False), flush=True)
     if args.pipeline:
         from jaxres.bench.pipeline import bench_pipeline
 
@@ -98,7 +120,16 @@ def register(subparsers) -> None:
     parser.add_argument("--scan", action="store_true",
                         help="ResNets: run identical consecutive blocks with one lax.scan (scan_units=True)")
     parser.add_argument("--remat", action="store_true", help="with --scan: rematerialize each scanned block")
-    parser.add_argument("--torch", action="store_true", help="also time the same step in PyTorch/torchvision")
+    parser.add_argument("--inference", dest="mode", action="store_const", const="inference", default="train",
+                        help="time the eval-mode forward pass (and loss) instead of a training step")
+    parser.add_argument("--torch", action="store_true",
+                        help="time the same step in PyTorch/torchvision side by side: each framework in its own "
+                        "process, --steps rounds alternating jax torch / torch jax, ratio per round, min and median, "
+                        "cores busy, peak memory above the library's baseline")
+    parser.add_argument("--torch-python", default=sys.executable, metavar="PATH",
+                        help="with --torch: the Python whose torch/torchvision to use (default: this one)")
+    parser.add_argument("--jax-python", default=sys.executable, metavar="PATH",
+                        help="with --torch: the Python whose JAX to use (default: this one)")
     parser.add_argument("--pipeline", metavar="DATASET", help="also time the host input pipeline alone")
     parser.add_argument("--data-dir", help="TFDS data dir for --pipeline")
     parser.add_argument("--json", metavar="PATH", help="write the JSON rows here instead of stdout")

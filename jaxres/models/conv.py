@@ -1,7 +1,7 @@
 """2-D convolution whose derivatives are fast on XLA:CPU.
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it
-as a field). Its value is XLA's convolution, bit for bit; on CPU three things differ from XLA's
+as a field). Its value is XLA's convolution, bit for bit; on CPU four things differ from XLA's
 own rules, each measured on a 2-core x86 CPU (`experiments/bench_conv.py`, `jaxres bench`):
 
 - The input is materialized once (`_materialized`). XLA's kernel gradient transposes the input
@@ -14,7 +14,10 @@ own rules, each measured on a 2-core x86 CPU (`experiments/bench_conv.py`, `jaxr
   gradient image and ran it at 12-15 GFLOP/s on 112x112 and 224x224 maps (VGG, batch 8:
   112x112x128 1.26 s against 0.34 s by taps), but at 90-100 GFLOP/s on CIFAR and ResNet
   stages, where tap matmuls with 16-64 channels are 1.2-3.6x slower.
-- The input gradient is XLA's, fed a pre-flipped kernel (see `_input_tangent`).
+- A 1x1 kernel's gradient is one matrix product over N*H*W (`_pixel_matmul`), 1.3-11x faster
+  than XLA's on ResNet-50's 1x1 layers; `kernel_gradient_rule` picks among the three.
+- The input gradient is XLA's, fed a pre-flipped kernel (see `_input_tangent`), except for
+  strided 1x1 kernels, where it is a matrix product and a scatter.
 
 Numerics equal XLA's to float tolerance (only the summation order differs). Used on CPU only:
 on GPU/TPU the vendor kernels are fast and this would not be. Anything but plain NHWC/HWIO
@@ -57,8 +60,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     padding = tuple(tuple(p) for p in padding)
     out_pixels = math.prod((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s
                            in zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides))
-    taps = _taps_pay_off(rhs.shape, out_pixels)
-    return _conv(_materialized(lhs), rhs, tuple(window_strides), padding, precision, taps)
+    return _conv(_materialized(lhs), rhs, tuple(window_strides), padding, precision,
+                 kernel_gradient_rule(rhs.shape, out_pixels))
 
 
 def _materialized(x):
@@ -69,6 +72,14 @@ def _materialized(x):
     So the kernel gradient's transpose of x reads x instead of re-deriving it from the block
     outputs before it (cifar_resnet20, batch 128: transposes 300 -> 63 ms of a ~700 ms step)."""
     return x / lax.optimization_barrier(jnp.ones((), x.dtype))
+
+
+def kernel_gradient_rule(kernel_shape, pixels: int) -> str:
+    """How the CPU kernel gradient of an HWIO kernel with `pixels` output pixels is computed:
+    "matmul" for 1x1 kernels (`_pixel_matmul`), "taps" where `_taps_pay_off`, else "xla"."""
+    if kernel_shape[:2] == (1, 1):
+        return "matmul"
+    return "taps" if _taps_pay_off(kernel_shape, pixels) else "xla"
 
 
 def _taps_pay_off(kernel_shape, pixels: int) -> bool:
@@ -87,20 +98,31 @@ def _taps_pay_off(kernel_shape, pixels: int) -> bool:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, strides, padding, precision, taps):
-    del taps  # only the derivative depends on it
+def _conv(x, w, strides, padding, precision, rule):
+    del rule  # only the derivative depends on it
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
 
 
 @_conv.defjvp
-def _conv_jvp(strides, padding, precision, taps, primals, tangents):
+def _conv_jvp(strides, padding, precision, rule, primals, tangents):
     x, w = primals
     dx, dw = tangents
-    y = _conv(x, w, strides, padding, precision, taps)
+    y = _conv(x, w, strides, padding, precision, rule)
     # Without symbolic_zeros=True, JAX hands both tangents in as arrays (zeros when only one
     # argument is differentiated); the unused path is pruned when the JVP is transposed.
-    kernel = (_taps_matmul(x, dw, strides, padding, y.shape, precision) if taps
-              else _kernel_tangent(x, dw, strides, padding, precision))
+    if rule == "matmul":
+        kernel = _pixel_matmul(x, dw, strides, padding, precision)
+    elif rule == "taps":
+        kernel = _taps_matmul(x, dw, strides, padding, y.shape, precision)
+    else:
+        kernel = _kernel_tangent(x, dw, strides, padding, precision)
+    if rule == "matmul" and strides != (1, 1):
+        # A strided 1x1 input gradient by XLA is a convolution over the output gradient dilated
+        # with zeros (s^2 times the work); as a matrix product it is one GEMM on the output
+        # gradient and a scatter: 1.1-1.6x faster on ResNet-50's three shapes. At stride 1 XLA's
+        # convolution was as fast or up to 2x faster than the GEMM (experiments/bench_conv.py,
+        # `dx` columns).
+        return y, _pixel_matmul(dx, w, strides, padding, precision) + kernel
     return y, _input_tangent(dx, w, strides, padding, precision) + kernel
 
 
@@ -109,9 +131,10 @@ def _input_tangent(dx, w, strides, padding, precision):
     convolution with a materialized flipped kernel. JAX's transpose flips the kernel and swaps
     its in/out axes through dimension numbers; inside a `lax.scan` body (scan_units) XLA:CPU
     then ran that convolution 7x slower than unrolled (18 scanned 64x32x32x16 layers: 990 vs
-    131 ms). Here the flipped, axis-swapped kernel is computed up front behind an optimization
-    barrier (175 ms scanned, 131 ms unrolled, bitwise the same gradient)."""
-    flipped = lax.optimization_barrier(lax.rev(w, (0, 1)).swapaxes(2, 3))  # (H, W, C_out, C_in)
+    131 ms). Here the flipped, axis-swapped kernel is computed up front behind a barrier (175 ms
+    scanned, 131 ms unrolled, bitwise the same gradient), now by `_materialized`, which writes it
+    in one pass (see `_kernel_tangent`)."""
+    flipped = _materialized(lax.rev(w, (0, 1)).swapaxes(2, 3))  # (H, W, C_out, C_in)
     return lax.conv_general_dilated(dx, lax.rev(flipped, (0, 1)), strides, padding,
                                     dimension_numbers=("NHWC", "HWOI", "NHWC"), precision=precision)
 
@@ -122,13 +145,39 @@ def _kernel_tangent(x, dw, strides, padding, precision):
     as (H, W, N, C_out), giving the gradient as (C_in, kh, kw, C_out). XLA:CPU makes those same
     transposes itself when unrolled, but inside a `lax.scan` body (scan_units) it ran the
     convolution in JAX's transposed dimension numbers as given: ~1 s per layer instead of 10 ms
-    (cifar_resnet20, batch 128). The optimization barriers keep XLA from folding the transposes
-    back into dimension numbers; this is the same trick as `_input_tangent`'s."""
-    xt = lax.optimization_barrier(x.transpose(3, 1, 2, 0))
-    dwt = lax.optimization_barrier(dw.transpose(2, 0, 1, 3))
+    (cifar_resnet20, batch 128). `_materialized` keeps XLA from folding the transposes back
+    into dimension numbers; this is the same trick as `_input_tangent`'s.
+
+    Each transpose is materialized by dividing its result by the barrier'd 1, not by putting
+    the transposed array itself behind an `optimization_barrier`: XLA's layout assignment does not
+    see through a barrier, so it gave the barrier's operand the layout that makes the transpose
+    a physical no-op, copied it there, and copied it again into the convolution's row-major
+    layout: two passes over every transposed input, output gradient and kernel. The division
+    fuses with the transpose into one pass that writes the row-major layout (the same values,
+    bit for bit)."""
+    xt = _materialized(x.transpose(3, 1, 2, 0))
+    dwt = _materialized(dw.transpose(2, 0, 1, 3))
     yt = lax.conv_general_dilated(xt, dwt, strides, padding, dimension_numbers=("CHWN", "IHWO", "HWNC"),
                                   precision=precision)
-    return lax.optimization_barrier(yt).transpose(2, 0, 1, 3)
+    return _materialized(yt).transpose(2, 0, 1, 3)
+
+
+def _pixel_matmul(x, w, strides, padding, precision):
+    """A 1x1 convolution as one matrix product: the padded input's strided pixels, as an
+    (N*H_out*W_out, C_in) matrix, times w[0, 0]. Its transpose, the kernel gradient, is
+    pixels^T @ (output gradient as (N*H_out*W_out, C_out)): a single GEMM on the arrays as they
+    lie (both reshapes are free), where XLA's rule transposes both and runs a correlation with a
+    56x56 "kernel". Stride s takes every s-th row and column first (a copy of 1/s^2 of x)."""
+    (sh, sw), (c_in, c_out) = strides, w.shape[2:]
+    if any(lo or hi for lo, hi in padding):
+        x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)))
+    n, h, wd = x.shape[:3]
+    ho, wo = (h - 1) // sh + 1, (wd - 1) // sw + 1
+    if (sh, sw) != (1, 1):
+        x = lax.slice(x, (0, 0, 0, 0), (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, c_in), (1, sh, sw, 1))
+    y = lax.dot_general(x.reshape(n * ho * wo, c_in), w.reshape(c_in, c_out), (((1,), (0,)), ((), ())),
+                        precision=precision)
+    return y.reshape(n, ho, wo, c_out)
 
 
 def _chunk(batch: int, image_bytes: int) -> int:
