@@ -7,7 +7,6 @@ reading it. `jaxres.workdir` uses it for the run directory's checkpoints."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 # A checkpoint's items: state (the arrays: step, params, batch_stats, opt_state, rng, + loss_scale),
 # data (the training iterator's state), config (the run's), meta (step, time, eval metrics if any).
@@ -46,33 +45,6 @@ def checkpoint_manager(directory, *, keep: int, read_only: bool = False):
     handlers = {item: ocp.JsonCheckpointHandler() for item in ITEMS if item != "state"}
     handlers["state"] = ocp.StandardCheckpointHandler()
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
-
-
-def tree_shapes(tree) -> dict:
-    """{path: (shape, dtype)} of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_name(p): (tuple(np.shape(v)), str(np.dtype(v.dtype))) for p, v in leaves}
-
-
-def _path_name(path) -> str:
-    """`opt_state/1/0/trace/stem/conv1/kernel`: a tree path by its names alone, so that a
-    NamedTuple field (the live optimizer state) and the dict key orbax stores for it agree."""
-    def name(key):
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
-    return "/".join(name(k) for k in path)
-
-
-def shape_differences(saved: dict, expected: dict, limit: int = 6) -> list[str]:
-    """What differs between two {path: (shape, dtype)} tables, in words."""
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(saved))]
-    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(expected))]
-    problems += [f"{k}: saved {saved[k][0]} {saved[k][1]}, now {expected[k][0]} {expected[k][1]}"
-                 for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
-    return problems[:limit] + ([f"... ({len(problems)} in all)"] if len(problems) > limit else [])
 
 
 def restore_target(leaf) -> jax.ShapeDtypeStruct:

@@ -50,7 +50,8 @@ import jax
 
 from jaxres.files import FileWriteError, JsonlAppender, TensorBoardEvents, read_jsonl, write_failed, write_text_atomic
 from jaxres.orbax_errors import OS_REASONS, describe_error, failure_reason, os_error_in, thread_errors_held
-from jaxres.orbax_manager import checkpoint_manager, restore_target, shape_differences, tree_shapes
+from jaxres.orbax_manager import checkpoint_manager, restore_target
+from jaxres.trees import differences, leaf_table, listed
 from jaxres.records import RecordSchedule
 
 KINDS = ("checkpoints", "best")
@@ -230,7 +231,7 @@ class Workdir:
     def stored_shapes(self, step: int, kind: str = "checkpoints") -> dict:
         """{path: (shape, dtype)} of the arrays in checkpoint `step`, from orbax's metadata alone."""
         metadata = self._manager(kind).item_metadata(int(step))["state"]
-        return tree_shapes(getattr(metadata, "tree", metadata))
+        return leaf_table(getattr(metadata, "tree", metadata))
 
     def restore(self, step: int, target, kind: str = "checkpoints") -> Checkpoint:
         """Checkpoint `step`; `target` is a tree (arrays or ShapeDtypeStructs) with the
@@ -238,11 +239,11 @@ class Workdir:
         CheckpointMismatchError before any array is read."""
         import orbax.checkpoint as ocp
 
-        differences = shape_differences(self.stored_shapes(step, kind), tree_shapes(target))
-        if differences:
+        problems = differences(self.stored_shapes(step, kind), leaf_table(target), needs="this run needs")
+        if problems:
             raise CheckpointMismatchError(
                 f"checkpoint {step} in {self.directory(kind)} holds other arrays than this run expects "
-                f"({'; '.join(differences)}); it was written by another model or version of the code")
+                f"({listed(problems, 6)}); it was written by another model or version of the code")
         abstract = jax.tree.map(restore_target, target)
         out = self._manager(kind).restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),

@@ -13,13 +13,14 @@ PACKAGE = ROOT / "jaxres"
 
 # floor of each part of jaxres: a part may import only parts on lower floors (and itself)
 FLOORS = {
-    "choices": 0, "files": 0, "orbax_errors": 0, "orbax_manager": 0, "preemption": 0, "records": 0,
+    "choices": 0, "files": 0, "orbax_errors": 0, "orbax_manager": 0, "preemption": 0, "records": 0, "trees": 0,
     "data": 1, "models": 1, "workdir": 1,
-    "weights": 2, "analysis": 2, "nnx": 2,
+    "weights": 2, "nnx": 2,
     "configs": 2,  # the recipes: base_config and the models they name; train reads them by name
-    "train": 3,  # runs the analysis monitor during training
-    "bench": 4, "experiments": 4,
-    "cli": 5,
+    "analysis": 3,  # reads trained nets from workdirs and from weights files
+    "train": 4,  # runs the analysis monitor during training
+    "bench": 5, "experiments": 5,
+    "cli": 6,
 }
 
 

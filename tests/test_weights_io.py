@@ -114,3 +114,29 @@ def test_bad_paths_and_foreign_files(tmp_path, resnet20):
     save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "torch.safetensors"))
     with pytest.raises(ValueError, match="(?s)not a jaxres weights file .*`jaxres convert torchvision`"):
         load_weights(tmp_path / "torch.safetensors")
+
+
+def test_the_training_config_is_recorded_and_read_back_by_the_analysis(tmp_path, resnet20):
+    from jaxres.analysis.restore import restore_variables, stored_config
+
+    _, variables = resnet20
+    config = {"model": "cifar_resnet20", "seed": 3, "model_overrides": {"zero_init_residual": True}}
+    path = save_weights(tmp_path / "t.safetensors", variables, "cifar_resnet20", num_classes=10, config=config)
+    assert read_weights_info(path).config == config
+    assert stored_config(path) == config
+    restored = restore_variables(path)
+    np.testing.assert_array_equal(restored["params"]["head"]["fc"]["kernel"], variables["params"]["head"]["fc"]["kernel"])
+    plain = save_weights(tmp_path / "p.safetensors", variables, "cifar_resnet20", num_classes=10)
+    assert read_weights_info(plain).config is None and stored_config(plain) == {"model": "cifar_resnet20"}
+
+
+def test_an_edited_config_is_refused(tmp_path, resnet20):
+    from safetensors.numpy import load_file, save_file
+
+    _, variables = resnet20
+    path = save_weights(tmp_path / "t.safetensors", variables, "cifar_resnet20", num_classes=10, config={"seed": 1})
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(str(path)), str(path), metadata=dict(metadata, config="[1, 2]"))
+    with pytest.raises(ValueError, match="config is not a JSON object; the file was edited"):
+        read_weights_info(path)

@@ -7,7 +7,10 @@ PATH is either
   `_METADATA` file) whose top level holds `params` and, for BatchNorm models, `batch_stats`
   (other keys such as `opt_state` or `step` are ignored); or
 - another orbax `CheckpointManager` directory: the highest numeric step subdirectory is used,
-  and inside it the item `default/`, else the only item holding a pytree.
+  and inside it the item `default/`, else the only item holding a pytree; or
+- a jaxres weights file (`.safetensors`, `jaxres.weights.io`), e.g. the trained nets exported
+  under experiments/results/twins/weights/: its variables, and the training config it records
+  (`config` metadata) as the stored config.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxres.models import unstack_identical_units
+from jaxres.weights.io import SUFFIX as WEIGHTS_SUFFIX
+from jaxres.weights.io import read_weights, read_weights_info
+from jaxres.trees import differences, leaf_table, listed
 from jaxres.workdir import describe_error, find_checkpoint, is_workdir_layout
 
 
@@ -45,9 +50,18 @@ def find_pytree_dir(path) -> Path:
     )
 
 
+def is_weights_file(path) -> bool:
+    """True for a path that names a jaxres weights file (by its suffix; read to check)."""
+    return str(path).endswith(WEIGHTS_SUFFIX)
+
+
 def stored_config(path) -> dict:
-    """The training config stored in a `jaxres train` checkpoint (PATH as for
-    `restore_variables`); {} for any other checkpoint."""
+    """The training config stored in a `jaxres train` checkpoint, or recorded in a weights file
+    (PATH as for `restore_variables`); {} for any other checkpoint, or a weights file without
+    one (then `{"model": its registry name}`)."""
+    if is_weights_file(path):
+        info = read_weights_info(path)
+        return dict(info.config) if info.config else {"model": info.model}
     if not is_workdir_layout(path):
         return {}
     workdir, kind, step = find_checkpoint(path)
@@ -57,6 +71,9 @@ def stored_config(path) -> dict:
 
 def restore_variables(path) -> dict:
     """`{"params": ..., "batch_stats": ...}` (batch_stats only if saved) from a checkpoint."""
+    if is_weights_file(path):
+        variables, _ = read_weights(path)
+        return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
     if is_workdir_layout(path):
         workdir, kind, step = find_checkpoint(path)
         with workdir:
@@ -103,14 +120,10 @@ def check_variables(model, variables, x, name: str = "model") -> dict:
     # training with scan_units saves identical consecutive blocks stacked; the analysis reads units.
     variables = unstack_identical_units(model, variables)
     expected = jax.eval_shape(model.init, jax.random.key(0), x)
-    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(dict(expected))[0]}
-    got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
-    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
-    problems += [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in sorted(set(want) & set(got))
-                 if want[k] != got[k]]
+    # shapes only: a float32 checkpoint is measured by a bfloat16 model and the reverse
+    shapes = lambda tree: {k: (shape, "") for k, (shape, _) in leaf_table(dict(tree)).items()}  # noqa: E731
+    problems = differences(shapes(variables), shapes(expected))
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
-        raise ValueError(f"checkpoint does not match {name}: {shown}. Pass the model the checkpoint was "
-                         f"trained as (--models NAME, same --norm)")
+        raise ValueError(f"checkpoint does not match {name}: {listed(problems, 8)}. Pass the model the checkpoint "
+                         f"was trained as (--models NAME, same --norm)")
     return jax.tree.map(jax.numpy.asarray, dict(variables))

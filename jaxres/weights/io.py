@@ -12,6 +12,9 @@ Format (version 1), documented so that any safetensors reader can use it:
   SHA-256 of the tensors in sorted name order, each hashed as its name, dtype, shape and
   C-order bytes (see `tensors_sha256`). safetensors validates the header and offsets but not
   the bytes; the checksum catches a damaged or edited file.
+  Optional: `config`, the JSON of the `jaxres train` config whose run made the weights (the
+  model's overrides, its dataset and seed: what rebuilds the model it was trained as, see
+  `jaxres.analysis.restore`); readers that do not know it ignore it.
 
 Loading checks the format, the checksum, the model name, and every shape and dtype against
 the model's own variables, and reports all mismatches at once.
@@ -30,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jaxres.trees import differences, leaf_table, listed
 
 FORMAT = "jaxres.weights"
 FORMAT_VERSION = "1"
@@ -54,6 +59,7 @@ class WeightsInfo:
     sha256: str
     format_version: str
     jaxres_version: str
+    config: dict | None = None  # the training config of the run that made the weights, when recorded
 
 
 def tensors_sha256(flat: Mapping[str, np.ndarray]) -> str:
@@ -83,11 +89,13 @@ def save_weights(
     num_classes: int,
     source: str = "",
     preprocessing: Any = None,
+    config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes `variables` (the Flax dict of `model`) as a jaxres weights file; returns the path.
 
-    `preprocessing`: a `descriptors.Preprocessing` (or a dict of its fields) recorded for users.
+    `preprocessing`: a `descriptors.Preprocessing` (or a dict of its fields) recorded for users;
+    `config`: the `jaxres train` config (its JSON dict) of the run the weights come from.
     Never replaces an existing file unless `overwrite`; writes to a temporary name first and
     renames, so an interrupted save leaves no half-written file under `path`.
     """
@@ -113,6 +121,8 @@ def save_weights(
         "jaxres_version": __version__,
         "sha256": tensors_sha256(flat),
     }
+    if config:
+        metadata["config"] = json.dumps(dict(config), sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(flat, str(partial), metadata=metadata)
@@ -149,6 +159,13 @@ def read_weights_info(path: str | os.PathLike) -> WeightsInfo:
             f"({'; '.join(REQUIRED_METADATA[key] for key in missing)}): it was not written by "
             f"jaxres.weights.save_weights or was edited; convert the original weights again (jaxres convert)"
         )
+    try:
+        config = json.loads(meta["config"]) if meta.get("config") else None
+    except json.JSONDecodeError:
+        config = "unreadable"
+    if not (config is None or isinstance(config, dict)):
+        raise ValueError(f"{path}: its metadata's config is not a JSON object; the file was edited: export the "
+                         f"weights again (jaxres.weights.save_weights)")
     if not meta["num_classes"].isdigit():
         raise ValueError(f"{path}: its metadata's num_classes must be a whole number, got {meta['num_classes']!r}; "
                          f"the file was edited: convert the original weights again (jaxres convert)")
@@ -161,29 +178,40 @@ def read_weights_info(path: str | os.PathLike) -> WeightsInfo:
         sha256=meta["sha256"],
         format_version=meta["format_version"],
         jaxres_version=meta.get("jaxres_version", ""),
+        config=config,
     )
 
 
 def check_variables(flat: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
     """Raises one ValueError listing every missing, unexpected, wrong-shape or wrong-dtype leaf."""
-    problems = []
-    for name in sorted(set(expected) - set(flat)):
-        problems.append(f"missing {name}")
-    for name in sorted(set(flat) - set(expected)):
-        problems.append(f"unexpected {name}")
-    for name in sorted(set(flat) & set(expected)):
-        have, want = flat[name], expected[name]
-        if tuple(have.shape) != tuple(want.shape):
-            problems.append(f"{name} has shape {tuple(have.shape)}, the model needs {tuple(want.shape)}")
-        elif np.dtype(have.dtype) != np.dtype(want.dtype):
-            problems.append(f"{name} has dtype {np.dtype(have.dtype).name}, the model needs {np.dtype(want.dtype).name}")
+    problems = differences(leaf_table(dict(flat)), leaf_table(dict(expected)))
     if problems:
-        shown = "\n  ".join(problems[:15]) + (f"\n  ... and {len(problems) - 15} more" if len(problems) > 15 else "")
         hint = ""
         if any("has dtype" in p for p in problems):
             hint = ("\n  to change dtypes, load into a model with the file's dtypes and cast: "
                     "jax.tree.map(lambda a: a.astype(dtype), variables)")
-        raise ValueError(f"{what}: {len(problems)} mismatch(es) with the model's variables:\n  {shown}{hint}")
+        raise ValueError(f"{what}: {len(problems)} mismatch(es) with the model's variables:\n  "
+                         f"{listed(problems, 15, chr(10) + '  ')}{hint}")
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
+    """A jaxres weights file's variables (numpy, nested as Flax's) and metadata, its format and
+    checksum checked but not its shapes: for readers that check them against a model built
+    from `info.config` themselves (`jaxres.analysis.restore`)."""
+    from safetensors.numpy import load_file
+
+    info = read_weights_info(path)
+    flat = load_file(info.path)
+    _check_checksum(flat, info)
+    return traverse_util.unflatten_dict(flat, sep="/"), info
+
+
+def _check_checksum(flat: Mapping[str, np.ndarray], info: WeightsInfo) -> None:
+    if tensors_sha256(flat) != info.sha256:
+        raise ValueError(
+            f"{info.path} fails its checksum (sha256 of its tensors differs from the recorded "
+            f"{info.sha256[:12]}...): the file is damaged or was modified; convert or copy it again"
+        )
 
 
 def load_weights(path: str | os.PathLike, model=None) -> tuple[dict, WeightsInfo]:
@@ -207,11 +235,7 @@ def load_weights(path: str | os.PathLike, model=None) -> tuple[dict, WeightsInfo
     elif not isinstance(model, UnitModel):
         raise TypeError(f"model must be a registry name or a jaxres model, got {type(model).__name__}")
     flat = load_file(info.path)
-    if tensors_sha256(flat) != info.sha256:
-        raise ValueError(
-            f"{info.path} fails its checksum (sha256 of its tensors differs from the recorded "
-            f"{info.sha256[:12]}...): the file is damaged or was modified; convert or copy it again"
-        )
+    _check_checksum(flat, info)
     expected = traverse_util.flatten_dict(abstract_variables(model, 32), sep="/")
     check_variables(flat, expected, f"{info.path} ({info.model})")
     variables = traverse_util.unflatten_dict({name: jnp.asarray(a) for name, a in flat.items()}, sep="/")
