@@ -1,7 +1,7 @@
 # Quickstart: `make demo` and `make test` on a fresh clone with Python >= 3.11.
 #
 # The venv is made with the newest Python >= 3.11 on the machine, because pip resolves the newest
-# JAX there, which trains faster on CPU (README, Quickstart): python3.X on PATH or pyenv's newest
+# JAX there, which trains faster on CPU (docs/install.md): python3.X on PATH or pyenv's newest
 # 3.X.Y, X from 20 down to 11 (a
 # pyenv shim of a version that is not selected fails to run and is passed over), else python3.
 # `make PYTHON=python3.11 ...` picks another; `make python` prints the choice.
@@ -19,7 +19,7 @@ endif
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast clean python
+.PHONY: demo test test-fast docs docs-serve clean python
 
 python:
 	@echo $(PYTHON)
@@ -37,7 +37,7 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 # The default gradient-propagation study (plain vs residual CIFAR twins at depths 20/56/110 and
 # the pre-activation ResNet-110; BN in batch mode and no norm, ReLU and tanh, at init,
 # offline); outputs go to runs/analyze/
-# (git-ignored). README "Gradient-propagation analysis" says how long it takes.
+# (git-ignored). docs/analysis.md says how long it takes.
 demo: $(VENV)/.installed-analysis
 	$(BIN)/jaxres analyze --out runs/analyze
 
@@ -48,5 +48,21 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
+# The documentation site in strict mode (a broken link, nav entry or API reference fails) into
+# site/, from its own venv: building docs needs none of JAX (the API reference reads the source).
+DOCS_VENV ?= .venv-docs
+$(DOCS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DOCS_VENV)/bin/python -m pip install --quiet $$($(PYTHON) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))')
+	touch $@
+
+# (the two variables silence the notices MkDocs' plugins print about MkDocs 2)
+docs: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(DOCS_VENV)/bin/mkdocs build --strict
+
+docs-serve: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(DOCS_VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(DOCS_VENV) .pytest_cache site

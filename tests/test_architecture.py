@@ -1,4 +1,4 @@
-"""The import graph points down (README, Architecture): read from the source's own imports,
+"""The import graph points down (docs/architecture.md): read from the source's own imports,
 those inside functions included, so a lazy import cannot hide an upward arrow."""
 
 import ast
@@ -47,7 +47,7 @@ SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or 
 
 def test_every_part_has_a_floor():
     parts = {part_of(p) for p in SOURCES}
-    assert parts <= set(FLOORS), f"give {sorted(parts - set(FLOORS))} a floor here and in README's Architecture"
+    assert parts <= set(FLOORS), f"give {sorted(parts - set(FLOORS))} a floor here and in docs/architecture.md"
     assert set(FLOORS) <= parts, f"{sorted(set(FLOORS) - parts)} no longer exist: drop them from FLOORS"
 
 

@@ -330,3 +330,26 @@ def test_lines_of_a_killed_attempt_after_the_step_resumed_from_do_not_count():
                {"step": 30, "split": "train", "accuracy": 0.4, "steps": 10}]
     kept = degradation_results.current_attempt(metrics)
     assert [(r["step"], r["split"]) for r in kept] == [(20, "train"), (20, "event"), (30, "train")]
+
+
+def test_a_killed_invocation_counts_the_span_of_its_records():
+    start = {"split": "event", "start": True}
+    metrics = [dict(start, step=0, time=100.0), {"step": 12, "split": "train", "time": 250.0},
+               {"step": 24, "split": "train", "time": 400.0},  # killed here: no wall time recorded
+               dict(start, step=12, time=1000.0), {"step": 24, "split": "train", "time": 1150.0},
+               {"step": 36, "split": "eval", "time": 1200.0}]
+    spans = degradation_results.attempt_spans(metrics)
+    assert spans == [(100.0, 400.0), (1000.0, 1200.0)]
+    assert degradation_results.wall_time(spans, [(1205.0, 210.0)]) == pytest.approx(300.0 + 210.0)
+    assert degradation_results.wall_time(spans, []) == pytest.approx(300.0 + 200.0)  # both killed
+    assert degradation_results.wall_time(spans, [(450.0, 360.0), (1205.0, 210.0)]) == pytest.approx(570.0)
+    assert math.isnan(degradation_results.wall_time([], []))
+
+
+def test_kernel_norms_and_their_growth_come_from_the_gradient_and_its_ratio():
+    first = {"dL_dW": {"a": 2.0, "b": 1.0, "c": 0.0}, "dL_dW_rel": {"a": 0.5, "b": 0.25, "c": 0.0}}  # ||W||: 4, 4, -
+    last = {"dL_dW": {"a": 1.0, "b": 1.0, "c": 1.0}, "dL_dW_rel": {"a": 0.01, "b": 0.125, "c": 0.5}}  # 100, 8, 2
+    norms = degradation_results.kernel_norms(last)
+    assert norms == pytest.approx({"a": 100.0, "b": 8.0, "c": 2.0})
+    growth = degradation_results.kernel_norm_growth(first, last)
+    assert growth["a"] == pytest.approx(25.0) and growth["b"] == pytest.approx(2.0) and math.isnan(growth["c"])

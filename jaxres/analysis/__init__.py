@@ -1,8 +1,7 @@
 """The exact gradient-propagation lab: how gradients travel back through plain and residual nets.
 
 Pure functions over `(model, variables, inputs)` that see models only through the unit
-interface (`model.apply(v, h, start=u, stop=u)`) and the layer probes; see README
-"Gradient-propagation analysis" and `jaxres analyze`.
+interface (`model.apply(v, h, start=u, stop=u)`) and the layer probes; see the docs' "Gradient-propagation analysis" page and `jaxres analyze`.
 """
 
 from jaxres.analysis.endtoend import end_to_end, end_to_end_norms, end_to_end_norms_whole

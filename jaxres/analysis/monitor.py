@@ -96,7 +96,7 @@ def check_unit_model(model) -> tuple[str, ...]:
     if not callable(names):
         raise ValueError(
             f"the analysis needs a model with the unit interface (model.unit_names() and "
-            f"model.apply(v, h, start=u, stop=u), see README 'The unit interface'); got {type(model).__name__}"
+            f"model.apply(v, h, start=u, stop=u), see the docs' Model zoo page, 'The unit interface'); got {type(model).__name__}"
         )
     return tuple(names())
 

@@ -28,8 +28,8 @@ step 0, densely early (EARLY_STEPS, where plain nets go through their transient)
 min(100, NUM_STEPS / 8) steps (75 in the default run) and at the end.
 
 NUM_STEPS = 600 (1.3 epochs) is set by the budget: the default grid is 3 seeds x (4 baseline
-nets + 4 interventions on cifar_plain56), 18 of its 24 runs at depth 56, and should take at
-most 6 hours on a 2-core CPU (README states the measured time). The first, single-seed grid ran
+nets + 4 interventions on cifar_plain56), 18 of its 24 runs at depth 56, and was planned for
+6 hours on a 2-core CPU (experiments/results/degradation/README.md states the measured time). The first, single-seed grid ran
 1000 steps; its plain gap was already 16.6 test-error points at step 500 (30.75 % vs 14.13 %).
 
 The conditions change one thing of the baseline each (`CONDITIONS`); the experiment runs the

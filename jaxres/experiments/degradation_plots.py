@@ -194,25 +194,34 @@ def plot_gradient_ratio(runs: list[dr.Run], path) -> Path:
 
 
 def plot_kernel_steps(runs: list[dr.Run], path) -> Path:
-    """||dL/dW|| / ||W|| of every kernel in forward order at the end of training (first seed per
-    (condition, model)): under BatchNorm a kernel's effective step shrinks with its norm, so a
-    layer far below the others barely moves."""
+    """Every kernel in forward order at the end of training (first seed per (condition, model)):
+    ||dL/dW|| / ||W|| (top) and ||W|| over its value at step 0 (bottom). Under BatchNorm a kernel's
+    effective step shrinks as 1 / ||W||^2, so a layer whose norm grew far more than the others' and
+    whose relative gradient lies far below theirs barely moves."""
     plt = pyplot()
     shown = _first_seeds(runs)
     colours = plt.cm.tab10(np.arange(len(shown)) % 10)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, layout="constrained")
     for colour, run in zip(colours, shown):
         if not run.analysis:
             continue
+        style = {"marker": ".", "color": colour, "ls": "-" if run.residual else "--",
+                 "label": f"{run.condition}/{run.model} (step {run.analysis[-1]['step']})"}
         rel = [dr.number(v) for v in (run.analysis[-1].get("dL_dW_rel") or {}).values()]
-        ax.semilogy(np.arange(1, len(rel) + 1), rel, marker=".", color=colour, ls="-" if run.residual else "--",
-                    label=f"{run.condition}/{run.model} (step {run.analysis[-1]['step']})")
-    ax.set_xlabel("kernel (forward order: stem, units, head)")
-    ax.set_ylabel("||dL/dW|| / ||W||, probe batch")
-    ax.grid(alpha=0.3, which="both")
-    if ax.lines:
-        ax.legend(fontsize=7)
-    ax.set_title("Gradient of each kernel relative to its weights, end of training (first seed)", fontsize=9)
+        axes[0].semilogy(np.arange(1, len(rel) + 1), rel, **style)
+        start = [r for r in run.analysis if r["step"] == 0]
+        if start:
+            growth = list(dr.kernel_norm_growth(start[0], run.analysis[-1]).values())
+            axes[1].semilogy(np.arange(1, len(growth) + 1), growth, **style)
+    axes[0].set_ylabel("||dL/dW|| / ||W||, probe batch")
+    axes[1].set_ylabel("||W|| / ||W|| at step 0")
+    axes[1].set_xlabel("kernel (forward order: stem, units, head)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("Each kernel at the end of training, first seed: its gradient relative to its weights (top), "
+                 "its norm's growth (bottom)", fontsize=9)
     return save_figure(fig, path)
 
 

@@ -47,9 +47,10 @@ RATIOS = {
     "min_head": f"the smallest ||dL/dh|| over the inner units' inputs ({FIRST_UNIT} .. the last unit) over that at "
                 f"the input of {LAST_UNIT}",
 }
-WALL_TIME_SOURCE = (f"sum of train_and_evaluate's wall_time_s over the invocations recorded in runs/{WALL_TIME_FILE} "
-                    f"(setup, compilation, training, evaluation, analysis and checkpoints; an invocation killed "
-                    f"before returning is not counted)")
+WALL_TIME_SOURCE = (f"sum over the run's invocations: train_and_evaluate's wall_time_s where runs/{WALL_TIME_FILE} "
+                    f"records it (setup, compilation, training, evaluation, analysis and checkpoints), else, for an "
+                    f"invocation killed before returning, the span of its records in metrics.jsonl (its start event "
+                    f"to its last line: its setup is left out, the steps it lost are counted)")
 
 
 def number(value) -> float:
@@ -78,6 +79,31 @@ def current_attempt(metrics: list[dict]) -> list[dict]:
                     or r["step"] <= record["step"]]
         kept.append(record)
     return kept
+
+
+def attempt_spans(metrics: list[dict]) -> list[tuple[float, float]]:
+    """(start, last record) times of each process that wrote `metrics` (all of metrics.jsonl),
+    one per start event: what a killed invocation, which records no wall time, cost."""
+    spans: list[list[float]] = []
+    for record in metrics:
+        when = number(record.get("time"))
+        if record.get("split") == "event" and record.get("start") and math.isfinite(when):
+            spans.append([when, when])
+        elif spans and math.isfinite(when):
+            spans[-1][1] = max(spans[-1][1], when)
+    return [(start, end) for start, end in spans]
+
+
+def wall_time(spans: list[tuple[float, float]], recorded: list[tuple[float, float]]) -> float:
+    """A run's wall time: each recorded invocation's (end time, wall_time_s), plus the span of every
+    attempt (`attempt_spans`) that no recorded invocation ended within (a killed one); NaN with
+    neither."""
+    total = sum(seconds for _, seconds in recorded)
+    for k, (start, _) in enumerate(spans):
+        until = spans[k + 1][0] if k + 1 < len(spans) else math.inf
+        if not any(start <= end < until for end, _ in recorded):
+            total += spans[k][1] - start
+    return total if recorded or spans else math.nan
 
 
 def window_error(train_lines: list[dict], end: int, width: int) -> float:
@@ -115,6 +141,7 @@ class Run:
     analysis_time_s: float
     final_window: float = math.nan  # window_error over the last logging window
     wall_time_s: float = math.nan
+    attempts: list = dataclasses.field(default_factory=list)  # attempt_spans of its metrics.jsonl
     diverged: str | None = None
 
     @property
@@ -146,7 +173,8 @@ class Run:
 
 def load_run(workdir, condition: str, model: str, seed: int) -> Run:
     workdir = Workdir(workdir)
-    metrics = current_attempt(read_jsonl(workdir.metrics_path))
+    every_record = read_jsonl(workdir.metrics_path)
+    metrics = current_attempt(every_record)
     analysis = read_analysis(workdir.path)
     bns = [r.get("bn") for r in analysis]
     bn = ANALYSIS_BN if ANALYSIS_BN in bns or not bns else bns[0]
@@ -160,7 +188,7 @@ def load_run(workdir, condition: str, model: str, seed: int) -> Run:
                bn if analysis else None,
                # time the gradient monitor took (every policy measured), first measurement's compile included
                sum(number(r.get("time_s")) for b in set(bns) for r in latest(analysis, "bn", b)),
-               final_window=final_window)
+               final_window=final_window, attempts=attempt_spans(every_record))
 
 
 def collect_runs(out_dir) -> list[Run]:
@@ -171,16 +199,16 @@ def collect_runs(out_dir) -> list[Run]:
         if workdir.is_dir() and workdir.name[4:].isdigit():
             runs.append(load_run(workdir, workdir.parent.parent.name, workdir.parent.name, int(workdir.name[4:])))
     by_name = {run.name: run for run in runs}
-    wall: dict[str, float] = {}
+    recorded: dict[str, list] = {}
     for record in read_jsonl(runs_dir / WALL_TIME_FILE):
         run = by_name.get(record.get("run"))
         if run is None:
             continue
-        wall[run.name] = wall.get(run.name, 0.0) + number(record.get("wall_time_s"))
+        recorded.setdefault(run.name, []).append((number(record.get("time")), number(record.get("wall_time_s"))))
         if record.get("diverged"):
             run.diverged = record["diverged"]
     for run in runs:
-        run.wall_time_s = wall.get(run.name, math.nan)
+        run.wall_time_s = wall_time(run.attempts, recorded.get(run.name, []))
     return sorted(runs, key=lambda r: (r.condition != BASELINE, r.condition, r.residual, r.depth, r.seed))
 
 
@@ -203,6 +231,20 @@ def kernel_step_spread(record: dict) -> float:
     return float(rel.min() / np.median(rel)) if rel.size and np.median(rel) > 0 else math.nan
 
 
+def kernel_norms(record: dict) -> dict[str, float]:
+    """{kernel: ||W||} of one monitor record, from its ||dL/dW|| and ||dL/dW|| / ||W|| (NaN where
+    either is missing or the gradient is 0)."""
+    grads, rel = record.get("dL_dW") or {}, record.get("dL_dW_rel") or {}
+    return {k: number(grads.get(k)) / number(rel[k]) if number(rel[k]) > 0 else math.nan for k in rel}
+
+
+def kernel_norm_growth(first: dict, last: dict) -> dict[str, float]:
+    """{kernel: ||W|| at `last` over ||W|| at `first`}: under BatchNorm the loss does not change when
+    a kernel is scaled, so its effective learning rate falls as 1 / ||W||^2 while its norm grows."""
+    before, after = kernel_norms(first), kernel_norms(last)
+    return {k: after[k] / before[k] if k in before and before[k] > 0 else math.nan for k in after}
+
+
 def run_row(run: Run) -> dict:
     """The row of one run: final errors, gradient ratios at step 0 / early minimum / the end."""
     row = {"run": run.name, "condition": run.condition, "model": run.model, "seed": run.seed,
@@ -218,6 +260,9 @@ def run_row(run: Run) -> dict:
         row[f"{key}_early_min"] = min(values) if values and all(math.isfinite(v) for v in values) else math.nan
         row[f"{key}_end"] = ratios(records[-1])[key] if records else math.nan
     row["kernel_step_spread_end"] = kernel_step_spread(records[-1]) if records else math.nan
+    growth = np.array(list(kernel_norm_growth(start[0], records[-1]).values())) if start else np.array([])
+    growth = growth[np.isfinite(growth)]
+    row["kernel_norm_growth_max"] = float(growth.max()) if growth.size else math.nan
     row["end_step"] = records[-1]["step"] if records else None
     row["wall_time_s"] = run.wall_time_s
     row["analysis_time_s"] = run.analysis_time_s
@@ -225,7 +270,7 @@ def run_row(run: Run) -> dict:
 
 
 RATIO_COLUMNS = [f"{key}_{when}" for key in RATIOS for when in ("start", "early_min", "end")] + [
-    "kernel_step_spread_end"]
+    "kernel_step_spread_end", "kernel_norm_growth_max"]
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
@@ -301,7 +346,8 @@ def collect(out_dir) -> tuple[dict, list[Run]]:
         "analysis_bn": ANALYSIS_BN,
         "errors": {key: what for key, (_, what) in ERRORS.items()},
         "ratios": dict(RATIOS, early_min=f"the minimum over the measurements at steps 1-{EARLY_END}",
-                       kernel_step_spread_end="min over kernels of ||dL/dW|| / ||W|| over its median, at the end"),
+                       kernel_step_spread_end="min over kernels of ||dL/dW|| / ||W|| over its median, at the end",
+                       kernel_norm_growth_max="max over kernels of ||W|| at the end over ||W|| at step 0"),
         "intervals": "mean over finished seeds and its 95 % Student-t interval; differences paired by seed",
         "wall_time_source": WALL_TIME_SOURCE,
         "runs": rows,
@@ -332,8 +378,9 @@ def markdown(results: dict) -> str:
     lines = ["Errors in %: mean over finished seeds [95 % interval]; gradient ratios: geometric mean over seeds "
              f"(step 0 / minimum over steps 1-{EARLY_END} / end).", "",
              "| condition | model | seeds | train error (eval mode) | train error (last window) | test error | "
-             "unit_1/head grad | smallest/head grad | least-moved kernel / median, end | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "unit_1/head grad | smallest/head grad | least-moved kernel / median, end | largest kernel-norm growth | "
+             "wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in results["groups"]:
         seeds = ",".join(map(str, g["seeds"])) or "-"
         if g["diverged_seeds"]:
@@ -344,6 +391,7 @@ def markdown(results: dict) -> str:
         errors = " | ".join(g[key].format(100) for key in ERRORS)
         lines.append(f"| {g['condition']} | {g['model']} | {seeds} | {errors} | {grads['unit1_head']} | "
                      f"{grads['min_head']} | {_fmt(g['kernel_step_spread_end'], '.2g')} | "
+                     f"{_fmt(g['kernel_norm_growth_max'], '.3g')}x | "
                      f"{_fmt(g['wall_time_s'], '.0f')} s |")
     lines += ["", "Differences in error points, paired by seed [95 % interval]:", "",
               "| comparison | error | difference | seeds | verdict |", "|---|---|---|---|---|"]
