@@ -35,6 +35,19 @@ def confidence_interval(samples, axis: int = 0, level: float = 0.95) -> dict:
     return {"estimate": mean, "std_err": sem, "ci_low": mean - half, "ci_high": mean + half}
 
 
+def binomial_interval(count: int, n: int, level: float = 0.95) -> dict:
+    """Wilson's score interval (1927) for a rate seen `count` times in `n` independent trials,
+    e.g. the test error of a net from its mistakes on n test images: the rate on these images is
+    exact; the interval is for the rate on the distribution they are drawn from."""
+    if n < 1 or not 0 <= count <= n:
+        raise ValueError(f"a binomial interval needs 0 <= count <= n and n >= 1, got count={count}, n={n}")
+    z = scipy.stats.norm.ppf(0.5 + level / 2)
+    rate = count / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return {"estimate": float(rate), "ci_low": float(max(0.0, centre - half)), "ci_high": float(min(1.0, centre + half))}
+
+
 def _check_probes(num_probes, minimum=2):
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < minimum:
         raise ValueError(f"num_probes must be an integer >= {minimum}, got {num_probes!r}")

@@ -121,11 +121,16 @@ class UnitOps:
         return self.ops[kind]
 
 
-def last_probe(probes: dict):
-    """The value of the last weight layer's probe (`layerK` with the largest K) of a unit."""
+def last_probe_name(probes: dict) -> str:
+    """The name of a unit's last weight layer's probe (`layerK` with the largest K)."""
     if not probes:
         raise ValueError("this unit has no layer probes (layer1, layer2, ...)")
-    return probes[max(probes, key=lambda name: int(name.removeprefix("layer") or 0))]
+    return max(probes, key=lambda name: int(name.removeprefix("layer") or 0))
+
+
+def last_probe(probes: dict):
+    """The value of the last weight layer's probe (`layerK` with the largest K) of a unit."""
+    return probes[last_probe_name(probes)]
 
 
 def identity_unit(out, pre) -> bool:

@@ -193,6 +193,18 @@ def lanczos_top(matvec, groups: int, m: int, *, tol: float, max_iter: int, seed:
     residual, the number of steps and a per-group `converged` flag (see
     `spectral_norm_lanczos`). Every step is one call of `matvec`, whatever `groups` is, so
     many units of the same computation share each compiled call (`unit_groups`)."""
+    result = lanczos_largest(matvec, groups, m, tol=tol, max_iter=max_iter, seed=seed)
+    return {"sigma": np.sqrt(np.maximum(result["theta"], 0.0)), "residual": result["residual"],
+            "iterations": result["iterations"], "converged": result["converged"]}
+
+
+def lanczos_largest(matvec, groups: int, m: int, *, tol: float, max_iter: int, seed: int = 0) -> dict:
+    """Largest (algebraic) eigenvalue theta of `groups` independent symmetric operators of size m
+    (a Hessian, or J^T J for `lanczos_top`), by Lanczos with full reorthogonalization (twice, in
+    float64 on the host) run on all of them at once; `matvec` as in `lanczos_top`. Stops when the
+    relative Ritz residual |beta_k s_k| / |theta| <= tol for every group (some eigenvalue lies
+    within tol |theta| of theta) or the Krylov space is exhausted. theta never exceeds the
+    largest eigenvalue (interlacing), and Lanczos finds the extremes first."""
     _check_tol(tol, max_iter)
     steps = min(max_iter, m)
     v, _ = _normalize(np.random.default_rng(seed).standard_normal((groups, m)))
@@ -216,11 +228,12 @@ def lanczos_top(matvec, groups: int, m: int, *, tol: float, max_iter: int, seed:
         t[:, np.arange(k - 1), np.arange(1, k)] = bb[:, :-1]
         t[:, np.arange(1, k), np.arange(k - 1)] = bb[:, :-1]
         evals, evecs = np.linalg.eigh(t)
-        theta = np.maximum(evals[:, -1], 0.0)
-        resid = np.abs(bb[:, -1] * evecs[:, -1, -1]) / np.maximum(theta, 1e-300)
+        theta = evals[:, -1]
+        scale = np.maximum(np.abs(theta), 1e-300)
+        resid = np.abs(bb[:, -1] * evecs[:, -1, -1]) / scale
         # an exhausted Krylov space (beta ~ 0) means the Ritz value is exact
-        done = (resid <= tol) | (np.stack(beta, 1)[:, -1] <= 1e-6 * np.sqrt(np.maximum(theta, 1e-300)))
-    return {"sigma": np.sqrt(theta), "residual": resid, "iterations": k, "converged": done}
+        done = (resid <= tol) | (bb[:, -1] <= 1e-6 * np.sqrt(scale))
+    return {"theta": theta, "residual": resid, "iterations": k, "converged": done}
 
 
 def _check_tol(tol, max_iter):

@@ -40,6 +40,7 @@ COMMANDS = {
     "bench": "time a training step: compile, step time, images/s, MFU (optionally vs PyTorch)",
     "analyze": "exact gradient-propagation study: plain vs residual twins at initialization",
     "experiment": "paper experiments over training + analysis (degradation: He et al. 2015 Fig. 1/6/7)",
+    "inspect": "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra",
 }
 
 # The optional-dependency extra (pyproject.toml) that installs each importable package a command
@@ -48,14 +49,14 @@ COMMANDS = {
 PACKAGE_EXTRAS = {
     "optax": "train", "tensorflow_datasets": "train", "grain": "train", "ml_collections": "train",
     "tensorboardX": "train", "PIL": "train",
-    "matplotlib": "analysis", "scipy": "analysis",
+    "matplotlib": "analysis", "scipy": "analysis", "matfree": "analysis",
     "orbax": None, "tqdm": None,
     "huggingface_hub": "hub",
     "torch": "torch", "torchvision": "torch",
     "tensorflow": "prepare",
 }
 COMMAND_EXTRAS = {"train": "train", "eval": "train", "data": "train", "bench": "train",
-                  "analyze": "analysis", "experiment": "train,analysis"}
+                  "analyze": "analysis", "experiment": "train,analysis", "inspect": "train,analysis"}
 
 
 def missing_extra_message(command: str, err: ModuleNotFoundError) -> str | None:

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.analysis_batch_size = 32  # probe examples (the first of a seed-fixed permutation of the train split)
     c.analysis_bn = "batch"  # BatchNorm policy: "batch" (as trained), "eval" (running statistics), "eval,batch"
     c.analysis_unit_jacobians = 0  # per-unit ||J||_F^2 and sigma_max on this many evenly spaced units
+    c.analysis_sharpness = 0  # top Hessian eigenvalue (Lanczos, <= this many HVPs) at each measurement; 0 = off
     # At every evaluation, also the net in eval mode on this many training examples (metrics split
     # "train_eval"): the first N of a permutation of the training split drawn from a fixed seed
     # (jaxres.train.run.TRAIN_EVAL_SEED), the same images for every run and seed. 0 = off.

@@ -243,6 +243,51 @@ class Measure(PeriodicAction):
             self.monitor = None
 
 
+class Sharpness(PeriodicAction):
+    """The top Hessian eigenvalue of the training loss (batch statistics, as trained) on the
+    monitor's probe batch, at the monitor's steps (`jaxres.analysis.sharpness`: Lanczos on
+    exact Hessian-vector products, relative residual 1e-3, at most `max_iter` products), written
+    to the metrics log as split "sharpness" beside the learning rate of the next update and
+    Cohen et al.'s stability thresholds 2/lr and (2 + 2 momentum)/lr. As for `Measure`, a
+    failure is reported, noted in the metrics log, and turns it off; it never costs the run."""
+
+    def __init__(self, run, schedule: RecordSchedule, driver, writer, *, max_iter: int, resumed: bool, report=print):
+        from jaxres.analysis.sharpness import check_tolerance
+
+        check_tolerance(1e-3, max_iter)
+        self.run, self.schedule, self.driver, self.writer = run, schedule, driver, writer
+        self.max_iter, self.resumed, self.report = max_iter, resumed, report
+        self.images, self.labels = run.probe_batch(run.config.analysis_batch_size)
+
+    def start(self, step: int, state) -> None:
+        if not self.resumed or self.schedule.measures(step):
+            self(step, state)
+
+    def due(self, step: int) -> bool:
+        return self.writer is not None and self.schedule.measures(step)
+
+    def __call__(self, step: int, state) -> None:
+        from jaxres.analysis.sharpness import stability_thresholds, top_hessian_eigenvalue
+
+        if self.writer is None:
+            return
+        try:
+            result = top_hessian_eigenvalue(self.run.analysis_model(),
+                                            self.run.analysis_variables(self.driver.get_state(state)),
+                                            self.images, self.labels, bn="batch", max_iter=self.max_iter)
+        except Exception as err:  # noqa: BLE001 - a failed measurement never costs the training run
+            self.report(f"sharpness at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
+            self.writer.event(step, f"sharpness stopped: {type(err).__name__}: {err}")
+            self.writer = None
+            return
+        lr = float(self.run.schedule(step))
+        thresholds = stability_thresholds(lr, self.run.config.momentum)
+        self.writer.write(step, "sharpness", {
+            "lambda_max": result["lambda_max"], "residual": result["residual"], "iterations": result["iterations"],
+            "converged": int(result["converged"]), "loss": result["loss"], "learning_rate": lr,
+            "threshold_gd": thresholds["gd"], "threshold_momentum": thresholds["momentum"]})
+
+
 class Preempt(PeriodicAction):
     """SIGTERM as a stop (`jaxres.preemption.StopSignal`): due once the flag is up; then it ends
     the window's train line, saves this step (unless it is saved), says so and stops the loop

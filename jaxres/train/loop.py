@@ -23,7 +23,7 @@ from jaxres.files import FileWriteError
 from jaxres.preemption import StopSignal
 from jaxres.records import SCHEDULE_FIELDS, RecordSchedule, schedule_fields
 from jaxres.train import config as config_lib
-from jaxres.train.actions import ActionList, Checkpoint, Evaluate, LogTrain, Measure, Preempt
+from jaxres.train.actions import ActionList, Checkpoint, Evaluate, LogTrain, Measure, Preempt, Sharpness
 from jaxres.train.metrics import MetricsWriter, StepTimer, summary_table
 from jaxres.train.optim import schedule_reads_num_steps
 from jaxres.train.run import Run
@@ -130,13 +130,15 @@ def _train(config, wd: Workdir, schedule: RecordSchedule, stop: StopSignal, repo
     checkpoint = Checkpoint(wd, schedule, driver, batches, config_json, writer, evaluate,
                             saved_at=step if resumed else None)
     measure = Measure(monitor, schedule, run, driver, writer, resumed=resumed, report=report)
+    sharpness = ([Sharpness(run, schedule, driver, writer, max_iter=config.analysis_sharpness, resumed=resumed,
+                            report=report)] if writer and schedule.monitor_on and config.get("analysis_sharpness") else [])
     preempt = Preempt(stop, log, checkpoint, writer, wd, report)
     # The order after a step: the window's line first (its NaN check stops the run before anything
     # is evaluated or saved); the evaluation's lines before the checkpoint they belong to (a
     # checkpoint on disk has its evaluation on disk); the measurement after the checkpoint (a kill
     # between them is made good on resume, Measure.start); the SIGTERM flag last, so that a signal
     # arriving during the evaluation, the checkpoint or the measurement gets its checkpoint here.
-    actions = ActionList([log, evaluate, checkpoint, measure, preempt], timer)
+    actions = ActionList([log, evaluate, checkpoint, measure, *sharpness, preempt], timer)
     try:
         try:
             if not stop.received:  # the records the starting step lacks (a stop during start-up skips them)
