@@ -13,7 +13,7 @@ PACKAGE = ROOT / "jaxres"
 
 # floor of each part of jaxres: a part may import only parts on lower floors (and itself)
 FLOORS = {
-    "choices": 0, "files": 0, "orbax_errors": 0, "orbax_manager": 0, "preemption": 0, "records": 0, "trees": 0,
+    "choices": 0, "files": 0, "orbax_errors": 0, "orbax_manager": 0, "preemption": 0, "records": 0, "trees": 0, "imagenet_stats": 0,
     "data": 1, "models": 1, "workdir": 1,
     "weights": 2, "nnx": 2,
     "configs": 2,  # the recipes: base_config and the models they name; train reads them by name

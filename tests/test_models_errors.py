@@ -108,6 +108,17 @@ def test_unknown_family():
         jaxres.list_models("resnets")
 
 
+def test_one_list_models():
+    """jaxres.list_models is the one listing (architectures, and with pretrained=True the ones with
+    weights); the registry's own is model_names, and the old jaxres.models.list_models points to both."""
+    import jaxres.models
+
+    assert jaxres.list_models() == jaxres.models.model_names()
+    assert jaxres.list_models("cifar_plain") == jaxres.models.model_names("cifar_plain")
+    with pytest.raises(AttributeError, match="now jaxres.list_models.*model_names"):
+        jaxres.models.list_models  # noqa: B018
+
+
 # A zero width used to end in a ZeroDivisionError inside an initializer, a negative one in an
 # MLIRError from XLA, and no stage at all in an IndexError in resnet.py: refused when built.
 @pytest.mark.parametrize("fields, message", [

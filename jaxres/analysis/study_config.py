@@ -9,7 +9,8 @@ from jaxres.analysis.segments import BN_POLICIES, check_bn
 from jaxres.analysis.unit_groups import JacobianOptions
 from jaxres.choices import closest_names, pick
 from jaxres.models.layers import ACTIVATIONS, NORMS
-from jaxres.models.registry import list_models, model_card
+from jaxres.models.registry import model_card
+from jaxres.models.registry import model_names as registry_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _depth(name: str) -> int | None:
 
 def study_models(config: StudyConfig) -> list[StudyModel]:
     """The registry entries of the study, checked (unknown names and depths raise ValueError)."""
-    out, known = [], list_models()
+    out, known = [], registry_names()
     families = {model_card(n).family for n in known}
     for entry in config.models:
         if entry in known:
@@ -137,7 +138,7 @@ def study_models(config: StudyConfig) -> list[StudyModel]:
             if not config.depths:
                 raise ValueError(f"{entry} is a family, and depths (--depths) is empty: give its depths, e.g. "
                                  f"--depths 20,56, or full names such as {entry}20")
-            members = list_models(entry)
+            members = registry_names(entry)
             for depth in config.depths:
                 name = f"{entry}{depth}"
                 if name not in members:

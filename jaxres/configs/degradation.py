@@ -40,7 +40,7 @@ import dataclasses
 from typing import Callable
 
 from jaxres.configs.base import base_config
-from jaxres.models import list_models
+from jaxres.models import model_names
 
 NUM_STEPS = 600
 EARLY_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96)
@@ -139,7 +139,7 @@ def get_config(arg: str = "cifar_plain20"):
     name, condition, num_steps = parse_arg(arg)
     residual, depth = parse_model(name)
     c = base_config()
-    if name in list_models():
+    if name in model_names():
         c.model = name
     else:  # the same layout as jaxres.models.cifar_resnet(depth, residual=...)
         n = (depth - 2) // 6

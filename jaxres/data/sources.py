@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jaxres.data.synthetic import SyntheticSource
 from jaxres.choices import pick
+from jaxres.imagenet_stats import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", 32, 1, 10, (0.1307,), (0.3081,), "mnist"),
     "fashion_mnist": DatasetSpec("fashion_mnist", 32, 1, 10, (0.2860,), (0.3530,), "mnist", prepare="import"),
     "imagenet2012": DatasetSpec(
-        "imagenet2012", 224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet",
+        "imagenet2012", 224, 3, 1000, IMAGENET_MEAN, IMAGENET_STD, "imagenet",
         eval_split="validation", prepare="manual",
     ),
     "synthetic": DatasetSpec("synthetic", 32, 3, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cifar", prepare="builtin"),

@@ -102,11 +102,11 @@ for _depth in (164, 1001):
              HE2016, "CIFAR, bottleneck blocks")
 
 
-def list_models(filter: str | None = None) -> list[str]:
+def model_names(filter: str | None = None) -> list[str]:
     """Registry names, in registry order; `filter` selects a family ("vgg", "resnet",
     "cifar_plain", ...) or, when it holds a wildcard (`*`, `?`, `[`), the names matching it as
-    a shell pattern ("resnet*", "*vgg16*"). `jaxres.list_models(..., pretrained=True)` keeps
-    the names with published weights."""
+    a shell pattern ("resnet*", "*vgg16*"). The public listing is `jaxres.list_models`, which
+    adds `pretrained=True` (the names with published weights) on top of this one."""
     if filter is not None and any(c in filter for c in "*?["):
         return [name for name in _REGISTRY if fnmatch.fnmatchcase(name, filter)]
     families = {card.family for card in _REGISTRY.values()}

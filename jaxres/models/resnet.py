@@ -18,19 +18,16 @@ from flax import linen as nn
 
 from jaxres.choices import pick
 from jaxres.models.layers import (
-    ACTIVATIONS,
     check_num_classes_or_features,
     check_sizes,
-    check_study_switches,
-    conv_def,
     max_pool_torch,
-    norm_def,
     pad,
     probe,
     torch_linear_bias_init,
     torch_linear_init,
 )
-from jaxres.models.units import UnitModel, UnitSpec
+from jaxres.models.convnet import ConvNet
+from jaxres.models.units import UnitSpec
 
 ModuleDef = Any
 
@@ -233,7 +230,7 @@ class PoolClassifier(nn.Module):
         return logits.astype(jnp.float32), {"pre_logits": features}
 
 
-class ResNet(UnitModel):
+class ResNet(ConvNet):
     """One class for every ResNet of the zoo; variants are registry entries (see registry.py).
 
     Defaults follow torchvision (v1.5 strides, option-B shortcuts, He fan-out init, BN with
@@ -252,26 +249,18 @@ class ResNet(UnitModel):
     shortcut: str = "B"
     stride_in_1x1: bool = False
     zero_init_residual: bool = False
-    activation: str = "relu"
     norm: str = "batchnorm"
-    kernel_init: str = "he_normal_fan_out"
     shortcut_scale: float = 1.0
     residual_scale: float = 1.0
-    in_channels: int = 3
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         check_num_classes_or_features(self.num_classes)
         pick("block type", self.block, {"basic": 0, "bottleneck": 0})
         pick("stem", self.stem, {"imagenet": 0, "cifar": 0})
         pick("shortcut option", self.shortcut, dict.fromkeys(SHORTCUTS))
-        check_study_switches(self.activation, self.norm, self.kernel_init)
+        self.check_layer_fields("ResNet")
         check_sizes("ResNet", "stage_sizes", self.stage_sizes, "blocks per stage, e.g. (2, 2, 2, 2)", many=True)
         check_sizes("ResNet", "widths", self.widths, "conv channels per stage, e.g. (64, 128, 256, 512)", many=True)
-        check_sizes("ResNet", "in_channels", self.in_channels, "image channels: 3 for RGB, 1 for grayscale")
         if self.zero_init_residual and not self.residual:
             raise ValueError("zero_init_residual zeroes each residual branch's last layer so that the block starts "
                              "as its shortcut; the plain twin (residual=False) has no shortcut, so its every block "
@@ -288,10 +277,7 @@ class ResNet(UnitModel):
         return ("head", "fc")
 
     def unit_specs(self, train: bool, probes: bool = False) -> list[UnitSpec]:
-        conv = conv_def(self.kernel_init, self.norm == "none", self.dtype, self.param_dtype)
-        norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
-                        self.bn_axis_name)
-        act = ACTIVATIONS[self.activation]
+        conv, norm, act = self.layer_defs(train, conv_bias=self.norm == "none")
         block_cls = BLOCKS[(self.block, self.preact)]
         imagenet = self.stem == "imagenet"
         # torchvision's ImageNet stem is 64 wide for every depth; CIFAR's matches stage 1.

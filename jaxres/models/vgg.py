@@ -18,17 +18,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxres.models.layers import (
-    ACTIVATIONS,
     adaptive_avg_pool,
     check_num_classes_or_features,
     check_sizes,
-    check_study_switches,
-    conv_def,
-    norm_def,
     pad,
     probe,
 )
-from jaxres.models.units import UnitModel, UnitSpec
+from jaxres.models.convnet import ConvNet
+from jaxres.models.units import UnitSpec
 
 ModuleDef = Any
 
@@ -103,7 +100,7 @@ class Classifier(nn.Module):
         return x.astype(jnp.float32), features
 
 
-class VGG(UnitModel):
+class VGG(ConvNet):
     """One class for every VGG of the zoo. Defaults: torchvision's ImageNet VGG without BN.
 
     `num_classes=0`: no last linear layer; the model returns the classifier's last hidden
@@ -116,24 +113,16 @@ class VGG(UnitModel):
     pool_size: int = 7
     classifier_widths: Sequence[int] = (4096, 4096)
     dropout: float = 0.5
-    activation: str = "relu"
-    kernel_init: str = "he_normal_fan_out"
-    in_channels: int = 3
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         check_num_classes_or_features(self.num_classes)
-        check_study_switches(self.activation, self.norm, self.kernel_init)
+        self.check_layer_fields("VGG")
         if not self.layers or self.layers[0] == "M" or any(
             not (v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)) for v in self.layers
         ):
             raise ValueError(
                 f"VGG layers must be positive conv widths or 'M', starting with a conv; got {self.layers!r}"
             )
-        check_sizes("VGG", "in_channels", self.in_channels, "image channels: 3 for RGB, 1 for grayscale")
         check_sizes("VGG", "pool_size", self.pool_size, "the side of the pooled map the classifier reads: 7 in "
                     "torchvision, 1 for CIFAR")
         check_sizes("VGG", "classifier_widths", self.classifier_widths, "hidden Dense layers, e.g. (4096, 4096), "
@@ -153,10 +142,7 @@ class VGG(UnitModel):
 
     def unit_specs(self, train: bool, probes: bool = False) -> list[UnitSpec]:
         # VGG convs keep their bias even with BN (torchvision), hence use_bias=True.
-        conv = conv_def(self.kernel_init, True, self.dtype, self.param_dtype)
-        norm = norm_def(self.norm, train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
-                        self.bn_axis_name)
-        act = ACTIVATIONS[self.activation]
+        conv, norm, act = self.layer_defs(train, conv_bias=True)
         specs, channels = [], self.in_channels
         widths = list(self.layers)
         for i, width in enumerate(widths):

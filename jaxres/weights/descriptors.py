@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxres.choices import closest_names
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision.transforms._presets.ImageClassification
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from jaxres.imagenet_stats import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)

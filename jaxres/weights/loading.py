@@ -23,7 +23,7 @@ import os
 import jax
 
 from jaxres.models import create_model
-from jaxres.models import list_models as list_registry
+from jaxres.models import model_names
 from jaxres.models.units import UnitModel
 from jaxres.weights.cache import fetch_torchvision_file
 from jaxres.weights.descriptors import published_models, torchvision_weights
@@ -37,10 +37,11 @@ TORCHVISION_PREFIX = "torchvision:"
 
 
 def list_models(filter: str | None = None, *, pretrained: bool = False) -> list[str]:
-    """Registry names (`jaxres.models.list_models`: a family or a shell pattern such as
-    "resnet*"); with `pretrained=True` only those with published ImageNet weights, which
-    `jaxres.pretrained(name)` loads."""
-    names = list_registry(filter)
+    """The zoo's models, as `jaxres.list_models`: registry names in registry order, all of them or
+    those of a family (`filter`: "vgg", "resnet", "cifar_plain", ...) or of a shell pattern
+    ("resnet*", "*vgg16*"); with `pretrained=True` only those with published ImageNet weights,
+    which `jaxres.pretrained(name)` loads."""
+    names = model_names(filter)
     if not pretrained:
         return names
     published = set(published_models())
