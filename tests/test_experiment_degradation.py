@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxres.experiments import degradation, degradation_plots, degradation_results, intervals
@@ -16,10 +17,11 @@ T2 = 12.706204736174707  # scipy.stats.t.ppf(0.975, 1): two seeds
 T3 = 4.302652729749464  # scipy.stats.t.ppf(0.975, 2): three seeds
 
 
-def analysis_record(step, grads, stds=(1.0, 1.0), rel=(0.01, 0.001), bn="batch"):
+def analysis_record(step, grads, stds=(1.0, 1.0), rel=(0.01, 0.001), bn="batch", norms=(1.0, 1.0)):
     return {"step": step, "bn": bn, "probe_size": 32, "time_s": 0.5, "loss": 2.3, "units": UNITS,
             "dL_dh": dict(zip(UNITS, grads)), "dlogits_dh": {u: {"median": 1.0, "q10": 0.5, "q90": 2.0} for u in UNITS},
-            "dL_dW": {}, "dL_dW_rel": {f"unit_{i}/conv1/kernel": r for i, r in enumerate(rel, 1)},
+            "dL_dW": {f"unit_{i}/conv1/kernel": r * w for i, (r, w) in enumerate(zip(rel, norms), 1)},
+            "dL_dW_rel": {f"unit_{i}/conv1/kernel": r for i, r in enumerate(rel, 1)},
             "response_std": {f"unit_{i}/layer1": s for i, s in enumerate(stds, 1)}}
 
 
@@ -353,3 +355,22 @@ def test_kernel_norms_and_their_growth_come_from_the_gradient_and_its_ratio():
     assert norms == pytest.approx({"a": 100.0, "b": 8.0, "c": 2.0})
     growth = degradation_results.kernel_norm_growth(first, last)
     assert growth["a"] == pytest.approx(25.0) and growth["b"] == pytest.approx(2.0) and math.isnan(growth["c"])
+
+
+def test_the_mechanism_is_compared_like_the_errors(grid):
+    """Norm growth (largest kernel, step 0 to the end) paired by seed in log10: plain56 grows its
+    kernels 100x where plain20 grows them 1x (depth: +2), warmup on plain56 10x (effect: -1)."""
+    for seed in range(3):
+        for name, growth in (("baseline/cifar_plain56", 100.0), ("warmup/cifar_plain56", 10.0 * (1 + 0.1 * seed))):
+            path = grid / "runs" / name / f"seed{seed}" / "analysis.jsonl"
+            write_jsonl(path, [analysis_record(0, (1.0, 2.0, 0.5, 1.0)),
+                               analysis_record(100, (1.0, 2.0, 0.5, 1.0), norms=(growth, 1.0))])
+    results, _ = degradation_results.collect(grid)
+    assert by(results["runs"], run="baseline/cifar_plain56/seed1")["kernel_norm_growth_max"] == pytest.approx(100.0)
+    mechanism = results["mechanism"]["comparisons"]
+    depth = by(mechanism, kind="depth", condition="baseline")
+    assert depth["difference"].mean == pytest.approx(2.0) and depth["verdict"] == "grows the kernel norms more"
+    effect = by(mechanism, kind="effect", condition="warmup")
+    assert effect["difference"].mean == pytest.approx(np.mean([math.log10(10 * (1 + 0.1 * s)) - 2 for s in range(3)]))
+    assert effect["verdict"] == "grows them less"
+    assert "log10 of the largest kernel-norm growth" in degradation_results.markdown(results)

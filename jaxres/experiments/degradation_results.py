@@ -263,6 +263,7 @@ def run_row(run: Run) -> dict:
     growth = np.array(list(kernel_norm_growth(start[0], records[-1]).values())) if start else np.array([])
     growth = growth[np.isfinite(growth)]
     row["kernel_norm_growth_max"] = float(growth.max()) if growth.size else math.nan
+    row["log10_kernel_norm_growth"] = math.log10(row["kernel_norm_growth_max"]) if growth.size else math.nan
     row["end_step"] = records[-1]["step"] if records else None
     row["wall_time_s"] = run.wall_time_s
     row["analysis_time_s"] = run.analysis_time_s
@@ -299,24 +300,35 @@ def _by_seed(rows: list[dict], condition: str, model: str, key: str) -> dict[int
     return {r["seed"]: r[key] for r in rows if r["condition"] == condition and r["model"] == model and r["finished"]}
 
 
-def comparisons(rows: list[dict]) -> list[dict]:
-    """Differences paired by seed, in error points (fractions here), with their words:
+# The candidate mechanism the interventions test (experiments/results/degradation/README.md): the
+# initial gradient explosion grows the first kernels' norms, which under BatchNorm shrinks their
+# effective learning rate as 1 / ||W||^2. Compared like the errors, paired by seed, in log10.
+MECHANISM = {"log10_kernel_norm_growth": "log10 of the largest kernel-norm growth from step 0 to the end "
+                                         "(kernel_norm_growth_max)"}
+
+
+def comparisons(rows: list[dict], keys=None) -> list[dict]:
+    """Differences paired by seed, with their words, of each of `keys` (default: the errors, in
+    error points as fractions here; `MECHANISM`: the norm growth, in log10):
     - "depth": within each condition and family (plain / residual), deepest minus shallowest;
     - "effect": every other condition's model minus the baseline's same model;
     - "vs shallow plain": every other condition's model minus the baseline's shallowest plain net
       (how much of the degradation is left)."""
+    keys = ERRORS if keys is None else keys
+    mechanism = keys is MECHANISM
     models = {(r["condition"], r["model"]): (r["residual"], r["depth"]) for r in rows}
     out = []
 
     def add(kind, condition, a, b, reference_condition):
-        for key in ERRORS:
+        for key in keys:
             diff = paired_difference(_by_seed(rows, condition, a, key), _by_seed(rows, reference_condition, b, key))
+            more, less = ("grows the kernel norms more", "grows them less") if mechanism else (None, None)
             if kind == "depth":
-                words = verdict(diff, "degrades (deeper is worse)", "deeper is better")
+                words = verdict(diff, more or "degrades (deeper is worse)", less or "deeper is better")
             elif kind == "effect":
-                words = verdict(diff, "raises the error", "lowers the error")
+                words = verdict(diff, more or "raises the error", less or "lowers the error")
             else:
-                words = verdict(diff, f"still worse than {b}", f"better than {b}")
+                words = verdict(diff, more or f"still worse than {b}", less or f"better than {b}")
             out.append({"kind": kind, "condition": condition, "model": a, "reference": f"{reference_condition}/{b}",
                         "error": key, "difference": diff, "verdict": words})
 
@@ -353,6 +365,7 @@ def collect(out_dir) -> tuple[dict, list[Run]]:
         "runs": rows,
         "groups": group_rows(rows),
         "comparisons": comparisons(rows),
+        "mechanism": dict(MECHANISM, comparisons=comparisons(rows, MECHANISM)),
     }, runs
 
 
@@ -400,6 +413,13 @@ def markdown(results: dict) -> str:
                 else f"{c['condition']}/{c['model']} - {c['reference']}")
         lines.append(f"| {what} | {c['error']} | {c['difference'].format(100)} | {c['difference'].n} | "
                      f"{c['verdict']} |")
+    lines += ["", "The candidate mechanism, paired by seed [95 % interval]: the difference in "
+              f"{MECHANISM['log10_kernel_norm_growth']} (1 = ten times more growth):", "",
+              "| comparison | difference (log10) | seeds | verdict |", "|---|---|---|---|"]
+    for c in results["mechanism"]["comparisons"]:
+        what = (f"{c['condition']}: {c['model']} - {c['reference'].split('/')[1]}" if c["kind"] == "depth"
+                else f"{c['condition']}/{c['model']} - {c['reference']}")
+        lines.append(f"| {what} | {c['difference'].format(1)} | {c['difference'].n} | {c['verdict']} |")
     return "\n".join(lines)
 
 
