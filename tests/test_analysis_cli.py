@@ -140,7 +140,16 @@ def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
     assert len(values) == 2 and len(values[0]) == 10 and values[0] == sorted(values[0], reverse=True)
     assert sum(v**2 for v in values[0]) == pytest.approx(residual["units"][1]["logit_jac"]["per_example"][0] ** 2,
                                                          rel=1e-4)  # sum sigma^2 = ||J||_F^2
-    assert "cifar_resnet20" in capsys.readouterr().out
+    # the whole net's mean field beside every stage and transition, with the draws it is for
+    for m in (plain, residual):
+        assert m["summary"]["weight_draws"] == 1
+        entries = m["summary"]["stages"] + m["summary"]["transitions"]
+        assert len(entries) == 5 and all(e["theory"]["weight_draws"] == 1 for e in entries)
+        assert "spatial mean field of the whole net" in entries[0]["theory"]["assumptions"]
+    assert "followed along the identity" in residual["summary"]["stages"][0]["theory"]["assumptions"]
+    assert "stage rates, 1 draw" in (out / "table.txt").read_text()
+    printed = capsys.readouterr().out
+    assert "cifar_resnet20" in printed and "1 weight draw (seed 0)" in printed
 
 
 def test_bad_workers_count_is_named_before_any_work():
@@ -211,7 +220,8 @@ def test_table_labels_estimates_with_their_interval_and_shows_the_theory():
         measurement("estimated", {"median": 1.94, "method": "hutchinson-8", "ci": [1.87, 1.99]},
                     {"rate": 1.4667, "tolerance": 0.05}),
         measurement("exact", {"median": 1.5, "method": "exact"}, None)]}
-    estimated, exact = format_table(results).splitlines()[2:]
+    header, _, estimated, exact = format_table(results).splitlines()
+    assert "stage rates, 1 draw" in header  # the draws each rate is averaged over
     assert "1.94 [1.87,1.99]" in estimated and "1.47±5%" in estimated and "20.4" in estimated
     assert "[" not in exact and " 1.5 " in exact and " - " in exact  # no interval, no theory
 

@@ -172,13 +172,9 @@ def test_finite_batch_bn_rate_matches_a_wide_mlp_twin():
     assert measured == pytest.approx(theory.bn_layer_chi("relu", 16)[0], rel=0.03)
 
 
-def test_he_relu_and_residual_mlp_twins_match_their_predictions():
+def test_he_relu_and_preactivation_mlp_twins_match_their_predictions():
     plain = theory.mlp_twin_rates(activation="relu", norm="none", width=512, depth=12)["rate"]
     assert plain == pytest.approx(1.0, rel=0.02)  # per layer, in norm
-    post = theory.predict_unit_rate(norm="none", activation="relu", residual=True)
-    assert post.rate == pytest.approx(1.399, abs=2e-3)
-    measured = theory.mlp_twin_rates(activation="relu", norm="none", residual=True, width=512, depth=12)["rate"]
-    assert post.accepts(measured)
     pre = theory.predict_unit_rate(norm="none", activation="relu", residual=True, preactivation=True)
     assert pre.rate == pytest.approx(np.sqrt(2))
 
@@ -203,7 +199,10 @@ def test_predictions_cover_the_issue_cases_and_return_none_without_theory():
     # BN-eval at initialization is the identity: the no-norm prediction
     assert theory.predict_unit_rate(norm="batchnorm", bn="eval", activation="relu", residual=False).rate == 1.0
     assert theory.predict_unit_rate(norm="batchnorm", activation="relu", residual=True) is None
-    assert theory.predict_unit_rate(norm="none", activation="tanh", residual=True) is None
+    # post-activation tanh: the trajectory mean field; pre-activation tanh: the stream's variance
+    # grows, so there is no stationary rate (the whole-net mean field predicts it)
+    assert theory.predict_unit_rate(norm="none", activation="tanh", residual=True).rate == pytest.approx(1.151, abs=2e-3)
+    assert theory.predict_unit_rate(norm="none", activation="tanh", residual=True, preactivation=True) is None
     trans = theory.predict_transition_factor(norm="none", activation="relu", residual=False)
     assert trans.rate == pytest.approx(np.sqrt(0.5))
 
@@ -241,3 +240,170 @@ def test_spatial_mean_field_follows_a_wide_tanh_twin_unit_by_unit(wide_tanh_twin
     rates_p = predicted[1:] / np.append(predicted[2:], 1.0)
     np.testing.assert_allclose(rates_m, rates_p, rtol=0.04)
     assert rates_p[0] > 1.3 > 1.1 > rates_p[-1]  # forward transient near the stem, borders near the head
+
+
+# ---- the mechanisms of issue 21, each against a measurement (small twins: seconds each)
+
+from jaxres.analysis import mean_field_spatial  # noqa: E402
+from jaxres.analysis.mean_field import activation_moments, post_activation_trajectory  # noqa: E402
+from jaxres.analysis.stages import unit_places  # noqa: E402
+from jaxres.analysis.twins import conv_twin_rates, mlp_twin_rates  # noqa: E402
+
+
+def test_pattern_moment_is_the_gaussian_expectation_of_the_product():
+    """Lambda(p, p') = E[phi(z_p) phi(z_p')]: the arc-cosine kernel (ReLU) and Mehler's series
+    (tanh) against a Monte Carlo estimate (1e6 samples, standard error ~5e-4)."""
+    rng = np.random.default_rng(0)
+    var = np.array([1.0, 0.6])
+    cov = np.array([[0.3, 0.12], [0.12, 0.2]])  # a pattern's covariance (below var on the diagonal)
+    u = rng.standard_normal((1_000_000, 2))
+    for activation, phi in (("relu", lambda x: np.maximum(x, 0.0)), ("tanh", np.tanh)):
+        exact = mean_field_spatial._pattern_moment(activation, var, cov)
+        z1 = np.sqrt(var[0]) * u[:, 0]
+        z2 = cov[0, 1] / np.sqrt(var[0]) * u[:, 0] + np.sqrt(var[1] - cov[0, 1] ** 2 / var[0]) * u[:, 1]
+        assert exact[0, 1] == pytest.approx(np.mean(phi(z1) * phi(z2)), abs=2e-3), activation
+        # the diagonal: two examples share only the pattern, cov[p, p]
+        z1b = np.sqrt(cov[0, 0]) * u[:, 0] + np.sqrt(var[0] - cov[0, 0]) * u[:, 1]
+        z1c = np.sqrt(cov[0, 0]) * u[:, 0] + np.sqrt(var[0] - cov[0, 0]) * rng.permutation(u[:, 1])
+        assert exact[0, 0] == pytest.approx(np.mean(phi(z1b) * phi(z1c)), abs=2e-3), activation
+
+
+def test_bn_border_pattern_is_the_relu_mean_at_the_borders_and_odd_activations_have_none():
+    """The share of BN's divisor taken by the border pattern falls with the map (about 1/H)
+    and is 0 for tanh, which has no mean."""
+    shares = [mean_field_spatial.border_pattern_share(side) for side in (8, 16)]
+    assert 0.15 < shares[0] < 0.3 and shares[1] < 0.65 * shares[0]
+    assert mean_field_spatial.border_pattern_share(8, "tanh") == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def bn_conv_twins():
+    """Plain BN-ReLU conv twins (8x8 maps, 32 channels, batch 8, 13 layers), two weight draws
+    each: zero padding and circular padding (no borders)."""
+    return {padding: [conv_twin_rates(spatial=8, width=32, depth=13, skip=4, padding=padding, seed=s)
+                      for s in range(2)] for padding in ("zero", "circular")}
+
+
+def test_bn_does_not_cancel_zero_padding_borders(bn_conv_twins):
+    """Measured: circular padding grows at chi(N H W) per layer, zero padding about 2% lower
+    per layer on 8x8 maps; the mean field with BN's border pattern predicts both (the old
+    assumption, 'BN divides the lost taps out', predicted no gap)."""
+    zero = np.mean([r["rate"] for r in bn_conv_twins["zero"]])
+    circular = np.mean([r["rate"] for r in bn_conv_twins["circular"]])
+    chi = theory.bn_layer_chi("relu", 8 * 64)[0] ** 0.5
+    pattern = theory.predict_unit_rate(norm="batchnorm", activation="relu", residual=False, spatial=8,
+                                       effective_batch=8 * 64).rate ** 0.5
+    assert circular == pytest.approx(chi, rel=0.012)
+    assert zero == pytest.approx(pattern, rel=0.012)
+    assert zero / circular < 0.99 and pattern / chi < 0.985
+    share = np.mean([r["pattern_share"] for r in bn_conv_twins["zero"]])
+    assert 0.1 < share < 0.25 and abs(np.mean([r["pattern_share"] for r in bn_conv_twins["circular"]])) < 0.02
+
+
+def test_head_batch_factor_is_one_minus_one_plus_two_over_pi_over_n_for_relu():
+    """The closed form of `_head_bn_factors` for ReLU at unit variance on many positions:
+    the per-example block keeps 1 - (1 + 2/pi)/N + (1/2 + 1/pi)/N^2 of its squared norm."""
+    n = 4096
+    mom = activation_moments("relu", np.ones(n))
+    for batch in (4, 16, 64):
+        block, others = mean_field_spatial._head_bn_factors(mom, np.ones(n), batch)
+        expected = 0.5 * (1 - (1 + 2 / np.pi) / batch + (0.5 + 1 / np.pi) / batch**2)
+        assert block.mean() == pytest.approx(expected, rel=2e-3)
+        assert others.sum() > 0
+
+
+def test_head_batch_term_predicts_a_small_batch_twin():
+    """At batch 4 the last unit before the pool passes about 0.8 of what the mean field
+    without the head term says (the head's uniform gradient loses ~(1 + 2/pi)/N at the first
+    BN from the head); the measured mean over 3 draws is within 6% of the prediction with the
+    term, and more than 15% below the one without."""
+    runs = [conv_twin_rates(spatial=8, width=32, depth=9, skip=2, batch=4, seed=s) for s in range(3)]
+    last = np.mean([np.median(np.sqrt(np.asarray(r["norms_sq"])[7] / np.asarray(r["norms_sq"])[9])) for r in runs])
+    shapes = [((4, 8, 8, 32), (4, 8, 8, 32))] * 5 + [((4, 8, 8, 32), (4, 10))]
+    kw = dict(norm="batchnorm", activation="relu", residual=False, batch=4)
+    with_term = mean_field_spatial.mean_field_unit_norms(shapes, **kw)[-1]
+    without = mean_field_spatial.mean_field_unit_norms(shapes, head_term=False, **kw)[-1]
+    assert last == pytest.approx(with_term, rel=0.06)
+    assert last < 0.85 * without
+
+
+def test_trajectory_mean_field_with_shuffled_masks_is_the_stationary_theory():
+    """Shuffling each block's masks over the neurons cuts persistence: the trajectory mean
+    field then gives back sqrt(p (1 + chi_F)) = sqrt(3 p) under He init."""
+    p, _ = theory.post_activation_relu_moments()
+    shuffled = post_activation_trajectory("relu", samples=200_000, follow_neurons=False)["rate"]
+    followed = post_activation_trajectory("relu", samples=200_000)
+    assert shuffled == pytest.approx(np.sqrt(3 * p), rel=2e-3)
+    assert followed["rate"] == pytest.approx(1.4304, abs=3e-3)
+    assert followed["persistence"] == pytest.approx(0.734, abs=3e-3) and followed["persistence"] > p + 0.05
+
+
+@pytest.fixture(scope="module")
+def post_activation_mlp_twins():
+    """A post-activation residual ReLU MLP twin (width 512, 20 blocks, the first and last 5
+    left out: the stream's law settles from |N(0, 1)| within ~5 blocks), its masks kept and
+    shuffled over the neurons in the backward pass, two weight draws each."""
+    kw = dict(activation="relu", norm="none", residual=True, width=512, depth=20, skip=5)
+    return {shuffle: [mlp_twin_rates(seed=s, shuffle_masks=shuffle, **kw) for s in range(2)]
+            for shuffle in (False, True)}
+
+
+def test_relu_masks_persist_along_the_identity(post_activation_mlp_twins):
+    """Measured P(open | open in the previous block) is the trajectory theory's 0.734, not
+    the open fraction p = 0.652 that independent masks would give; the rate follows the
+    trajectory theory (1.4304), and shuffling the masks (the control) brings it down to the
+    stationary theory's sqrt(3 p) = 1.399."""
+    kept, shuffled = post_activation_mlp_twins[False], post_activation_mlp_twins[True]
+    assert np.mean([r["persistence"] for r in kept]) == pytest.approx(0.734, abs=0.01)
+    assert np.mean([r["open"] for r in kept]) == pytest.approx(0.652, abs=0.01)
+    post = theory.predict_unit_rate(norm="none", activation="relu", residual=True)
+    assert post.rate == pytest.approx(1.4304, abs=2e-3)
+    rate_kept = np.mean([r["rate"] for r in kept])
+    rate_shuffled = np.mean([r["rate"] for r in shuffled])
+    assert rate_kept == pytest.approx(post.rate, rel=0.015)
+    assert rate_shuffled == pytest.approx(np.sqrt(3 * theory.post_activation_relu_open_fraction()), rel=0.015)
+    assert rate_kept > rate_shuffled * 1.01
+
+
+def test_finite_batch_bn_rate_for_tanh_tends_to_its_large_batch_limit():
+    rates = [theory.bn_layer_chi("tanh", b, samples=8192)[0] for b in (8, 64, 1024)]
+    assert rates[0] > rates[1] > rates[2]
+    assert rates[2] == pytest.approx(theory.bn_layer_chi_large_batch("tanh"), rel=0.003)
+
+
+def _cifar_shapes(depth, batch=8):
+    per_stage = (depth - 2) // 6
+    shapes, side, channels = [((batch, 32, 32, 3), (batch, 32, 32, 16))], 32, 16
+    for stage, width in enumerate((16, 32, 64)):
+        for index in range(per_stage):
+            before = (batch, side, side, channels)
+            if stage and not index:
+                side //= 2
+            channels = width
+            shapes.append((before, (batch, side, side, channels)))
+    return shapes + [((batch, 8, 8, 64), (batch, 10))]
+
+
+class _Shape:  # the fields `unit_places` reads
+    def __init__(self, name, in_shape, out_shape):
+        self.name, self.in_shape, self.out_shape, self.keeps_shape = name, in_shape, out_shape, in_shape == out_shape
+
+
+def test_predict_net_rates_covers_the_default_cifar_nets():
+    """Three stages and two transitions for every no-norm net and the plain BN nets, each
+    with its assumptions; None for BN residual nets."""
+    shapes = _cifar_shapes(20)
+    places = unit_places([_Shape("stem" if i == 0 else "head" if i == len(shapes) - 1 else f"unit_{i}", a, b)
+                          for i, (a, b) in enumerate(shapes)])
+    for switches in (dict(norm="batchnorm", activation="relu", residual=False, batch=8),
+                     dict(norm="none", activation="tanh", residual=False),
+                     dict(norm="none", activation="relu", residual=True, samples=2**16),
+                     dict(norm="none", activation="relu", residual=True, preactivation=True, shortcut="B")):
+        found = theory.predict_net_rates(shapes, places, **switches)
+        assert len(found["stages"]) == 3 and len(found["transitions"]) == 2, switches
+        assert all(p.tolerance == theory.STAGE_TOLERANCE for p in found["stages"])
+        assert all(p.tolerance == theory.TRANSITION_TOLERANCE for p in found["transitions"])
+    bn = theory.predict_net_rates(shapes, places, norm="batchnorm", activation="relu", residual=False, batch=8)
+    assert "border pattern" in bn["stages"][0].assumptions and "head's batch term" in bn["stages"][0].assumptions
+    assert bn["stages"][2].rate < 0.9 * bn["stages"][0].rate  # the last unit, next to the head, pulls stage 3 down
+    assert theory.predict_net_rates(shapes, places, norm="batchnorm", activation="relu", residual=True) is None

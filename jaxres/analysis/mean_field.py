@@ -52,6 +52,28 @@ def _np_activation(activation: str):
     return pick("activation with a mean-field theory", activation, table)
 
 
+def activation_moments(activation: str, var) -> dict:
+    """Gaussian moments of phi, elementwise over the array `var` (z ~ N(0, var)): second
+    E[phi^2], slope_sq E[phi'^2], mean E[phi], slope E[phi'], slope_z E[phi' z], slope_sq_z2
+    E[phi'^2 z^2], slope_z2 E[phi' z^2]; closed forms for ReLU, Gauss-Hermite otherwise."""
+    var = np.asarray(var, np.float64)
+    if activation == "relu":
+        half = np.full_like(var, 0.5)
+        root = np.sqrt(var / (2.0 * math.pi))
+        return {"second": var / 2.0, "slope_sq": half, "mean": root, "slope": half, "slope_z": root,
+                "slope_sq_z2": var / 2.0, "slope_z2": var / 2.0}
+    phi, dphi = _np_activation(activation)
+    nodes, weights = _hermite(101)
+    z = np.sqrt(var)[..., None] * nodes
+    f, d = phi(z), dphi(z)
+
+    def e(values):
+        return np.sum(weights * values, -1)
+
+    return {"second": e(f**2), "slope_sq": e(d**2), "mean": e(f), "slope": e(d), "slope_z": e(d * z),
+            "slope_sq_z2": e(d**2 * z**2), "slope_z2": e(d * z**2)}
+
+
 def fixed_point_chi(activation: str, weight_variance: float = 2.0, bias_variance: float = 0.0,
                     iterations: int = 500) -> tuple[float, float]:
     """(q*, chi_1): the fixed point of the variance map q -> sigma_w^2 E[phi(sqrt(q) z)^2] +
@@ -88,42 +110,49 @@ def bn_layer_chi_large_batch(activation: str) -> float:
     return gaussian_expectation(lambda x: dphi(x) ** 2) / var
 
 
-def _relu_bn_direction_moments(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _bn_direction_moments(activation: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For z (M, B): per row, ||P D (P - u u^T)||_F^2 and the biased batch variance of
-    relu(sqrt(B) u), where u = P z / |P z| (the direction of the centred batch), D =
-    diag(u > 0), P = I - 11^T / B. With s = |P z| / sqrt(B) the Jacobian of relu(BN(z)) is
-    D (P - u u^T) / s (Flax's train-mode BN with the biased variance, epsilon -> 0).
+    phi(sqrt(B) u), where u = P z / |P z| (the direction of the centred batch), D =
+    diag(phi'(sqrt(B) u)), P = I - 11^T / B. With s = |P z| / sqrt(B) the Jacobian of
+    phi(BN(z)) is D (P - u u^T) / s (Flax's train-mode BN with the biased variance, epsilon -> 0).
 
-    In closed form (P - u u^T is a projector, u _|_ 1, d = D 1 with k ones):
-    ||P D (P - u u^T)||_F^2 = tr(D P D (P - u u^T))
-                            = k (1 - 1/B) - sum_open u_i^2 - (k - k^2 / B) / B + (sum_open u_i)^2 / B.
+    In closed form (P - u u^T is a projector and u _|_ 1; d the diagonal of D):
+    ||P D (P - u u^T)||_F^2 = tr(D P D P) - u^T D P D u
+                            = (1 - 2/B) sum d^2 + (sum d)^2 / B^2 - sum (d u)^2 + (sum d u)^2 / B.
     """
     b = z.shape[1]
     centred = z - z.mean(1, keepdims=True)
     u = centred / np.linalg.norm(centred, axis=1, keepdims=True)
-    open_ = u > 0
-    k = open_.sum(1).astype(np.float64)
-    u_open = np.where(open_, u, 0.0)
-    jsq = k * (1 - 1 / b) - np.sum(u_open**2, 1) - (k - k**2 / b) / b + np.sum(u_open, 1) ** 2 / b
-    return jsq, np.maximum(np.sqrt(b) * u, 0.0).var(1)
+    x = np.sqrt(b) * u
+    if activation == "relu":
+        value, slope = np.maximum(x, 0.0), (x > 0).astype(np.float64)
+    else:
+        phi, dphi = _np_activation(activation)
+        value, slope = phi(x), dphi(x)
+    du = slope * u
+    jsq = ((1 - 2 / b) * np.sum(slope**2, 1) + np.sum(slope, 1) ** 2 / b**2 - np.sum(du**2, 1)
+           + np.sum(du, 1) ** 2 / b)
+    return jsq, value.var(1)
 
 
+@functools.lru_cache(maxsize=64)
 def bn_layer_chi(activation: str, effective_batch: int | None = None, *, samples: int | None = None,
                  seed: int = 0) -> tuple[float, float]:
     """(chi, standard error): the per-layer squared-norm factor of a BN(train) - phi - linear
     layer at batch B = `effective_batch` (None: B -> inf, exact, error 0).
 
-    Finite B, ReLU only, in Yang et al.'s (2019) mean field: one neuron's pre-activations over
-    the batch, h in R^B, are N(0, Sigma*) with Sigma* the BSB1 fixed point; BN removes the
-    batch mean and the scale, so G(h) = relu(BN(h)) = G(z) for z ~ N(0, I_B) and Sigma* =
-    E[G(z) G(z)^T] needs no iteration (its q - c = E[batch variance of G] B / (B - 1)). The
-    gradient covariance converges to the permutation-invariant eigenvector P = I - 11^T / B of
-    Pi -> E[J^T Pi J] (BN's Jacobian kills the all-ones direction), so chi(B) =
-    E||P J||_F^2 / ((q - c)(B - 1)), J taken at h ~ N(0, Sigma*). J = D (P - u u^T) / s splits
-    into the centred batch's direction u and its scale, s^2 ~ chi^2_{B-1} / B independent of
-    u, whose E[1 / s^2] = B / (B - 3) is exact (infinite at B = 3: the rate diverges); only
-    the bounded direction part is sampled: `samples` directions (default 2^24 / B, at least
-    1024), standard error below 0.1%. Fixed seed: deterministic.
+    Finite B, in Yang et al.'s (2019) mean field: one neuron's pre-activations over the batch,
+    h in R^B, are N(0, Sigma*) with Sigma* the BSB1 fixed point; BN removes the batch mean and
+    the scale, so G(h) = phi(BN(h)) = G(z) for z ~ N(0, I_B) and Sigma* = E[G(z) G(z)^T] needs
+    no iteration (its q - c = E[batch variance of G] B / (B - 1)). The gradient covariance
+    converges to the permutation-invariant eigenvector P = I - 11^T / B of Pi -> E[J^T Pi J]
+    (BN's Jacobian kills the all-ones direction), so chi(B) = E||P J||_F^2 / ((q - c)(B - 1)),
+    J taken at h ~ N(0, Sigma*). J = D (P - u u^T) / s splits into the centred batch's
+    direction u and its scale, s^2 ~ chi^2_{B-1} / B independent of u, whose E[1 / s^2] =
+    B / (B - 3) is exact (infinite at B = 3: the rate diverges); only the bounded direction
+    part is sampled: `samples` directions (default 2^24 / B, at least 1024), standard error
+    below 0.1%. Any activation with a mean-field table (relu, tanh, sigmoid, linear). Fixed
+    seed: deterministic (and cached).
     """
     if effective_batch is None:
         return bn_layer_chi_large_batch(activation), 0.0
@@ -131,8 +160,7 @@ def bn_layer_chi(activation: str, effective_batch: int | None = None, *, samples
         raise ValueError(f"effective_batch must be an integer >= 4 (BN's gradient rate is infinite at a batch "
                          f"of 3), got {effective_batch!r}; pass None for the large-batch limit")
     if activation != "relu":
-        raise ValueError(f"the finite-batch BN rate is implemented for relu only, got {activation!r}; "
-                         f"pass effective_batch=None for the large-batch limit")
+        _np_activation(activation)  # names the activations with a table
     b = effective_batch
     if samples is None:
         samples = int(max(1024, 2**24 // b))
@@ -140,7 +168,7 @@ def bn_layer_chi(activation: str, effective_batch: int | None = None, *, samples
     jsq, gvar = [], []
     chunk = max(1, 2**21 // b)
     for start in range(0, samples, chunk):
-        a, v = _relu_bn_direction_moments(rng.standard_normal((min(chunk, samples - start), b)))
+        a, v = _bn_direction_moments(activation, rng.standard_normal((min(chunk, samples - start), b)))
         jsq.append(a)
         gvar.append(v)
     jsq, gvar = np.concatenate(jsq), np.concatenate(gvar)
@@ -180,6 +208,72 @@ def post_activation_relu_moments(branch_gain: float = 2.0, samples: int = 1_000_
 def post_activation_relu_open_fraction(branch_gain: float = 2.0) -> float:
     """p of `post_activation_relu_moments`: 0.652 under He init."""
     return post_activation_relu_moments(branch_gain)[0]
+
+
+def branch_moments(activation: str, stream_second: np.ndarray, weight_variance: float = 2.0):
+    """(Var F, chi_F) of a residual branch F(h) = W2 phi(W1 h) in the mean field: the branch
+    output's variance and the factor its backward pass puts on a squared gradient
+    (sigma_w^2 E[phi'(z)^2] sigma_w^2, z ~ N(0, sigma_w^2 E[h^2])), elementwise over the
+    array `stream_second` = E[h^2]."""
+    moments = activation_moments(activation, weight_variance * np.asarray(stream_second, np.float64))
+    return weight_variance * moments["second"], weight_variance * weight_variance * moments["slope_sq"]
+
+
+@functools.lru_cache(maxsize=16)
+def post_activation_trajectory(activation: str = "relu", weight_variance: float = 2.0, samples: int = 400_000,
+                               blocks: int = 48, seed: int = 0, follow_neurons: bool = True) -> dict:
+    """The per-block rate of ||d z / d h|| in a wide MLP of post-activation residual blocks
+    h' = phi(h + W2 phi(W1 h)) (no normalization), with each neuron's mask followed along its
+    own trajectory.
+
+    Mean field (width -> inf): the branch output F at a neuron is Gaussian, independent of the
+    neuron's own h (`branch_moments`); the backward branch term is a fresh Gaussian whose
+    variance is chi_F times the population's E[phi'(s)^2 g^2]. What the stationary theory
+    (`post_activation_relu_moments`: rate sqrt(p (1 + chi_F))) leaves out: phi'(s) at the
+    addition and the gradient arriving at the same neuron are correlated, because the
+    identity path carries each neuron's earlier masks (a neuron with a large h stays open
+    block after block). Here `samples` neurons run forward through `blocks` blocks (stored
+    phi'(s)^2), then the conditional second moment m of each neuron's gradient runs back:
+    m = phi'(s)^2 m' + chi_F E[phi'(s)^2 m'] (exact given the masks; the branch noise is
+    independent). Returns {"rate": geometric mean per block over the middle half, "open":
+    P(s > 0) (ReLU), "persistence": P(open | open in the previous block) (ReLU)}. Fixed
+    seed: deterministic (cached); sampling error ~1e-3 on the rate."""
+    rng = np.random.default_rng(seed)
+    phi = (lambda x: np.maximum(x, 0.0)) if activation == "relu" else _np_activation(activation)[0]
+    dphi = (lambda x: (x > 0).astype(np.float64)) if activation == "relu" else _np_activation(activation)[1]
+    h = rng.standard_normal(samples)
+    if activation == "relu":
+        h = np.abs(h)
+    slopes, chis, opens, stays = [], [], [], []
+    previous = None
+    for _ in range(blocks):
+        second = float(np.mean(h**2))
+        var_f, chi_f = branch_moments(activation, np.array(second), weight_variance)
+        s = h + np.sqrt(var_f) * rng.standard_normal(samples)
+        h = phi(s)
+        slopes.append(dphi(s) ** 2 if follow_neurons else rng.permutation(dphi(s) ** 2))
+        chis.append(float(chi_f))
+        if activation == "relu":
+            opened = s > 0
+            opens.append(opened.mean())
+            if previous is not None:
+                stays.append(np.mean(opened[previous]))
+            previous = opened
+            h /= math.sqrt(np.mean(h**2))  # homogeneous: only the law of h / |h| matters
+    m = np.ones(samples)
+    sq = [m.mean()]
+    for slope, chi in zip(reversed(slopes), reversed(chis)):
+        kept = slope * m
+        m = kept + chi * kept.mean()
+        sq.append(m.mean())
+    sq = np.array(sq[::-1])  # sq[l]: at block l's input
+    ratios = np.sqrt(sq[:-1] / sq[1:])
+    middle = ratios[blocks // 4: 3 * blocks // 4]
+    out = {"rate": float(np.exp(np.mean(np.log(middle))))}
+    if activation == "relu":
+        out["open"] = float(np.mean(opens[blocks // 4:]))
+        out["persistence"] = float(np.mean(stays[blocks // 4:]))
+    return out
 
 
 # ---------------------------------------------------------------- borders

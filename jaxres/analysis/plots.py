@@ -93,8 +93,10 @@ def plot_norms(results: dict, path, quantity: str = "logit_jac") -> Path:
               "gradient_scale": "median gradient scale coefficient"}[quantity]
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
-    note = ", dotted = theory's stage rates" if theory else ""
-    fig.suptitle(f"Solid = residual, dashed = plain, dash-dot = pre-activation{note}", fontsize=10)
+    draws = {m["summary"].get("weight_draws", 1) for m in results["measurements"]}
+    drawn = f"{draws.pop()} weight draw(s) per curve" if len(draws) == 1 else "weight draws differ"
+    note = ", dotted = mean-field stage rates (whole net)" if theory else ""
+    fig.suptitle(f"Solid = residual, dashed = plain, dash-dot = pre-activation{note}; {drawn}", fontsize=10)
     return save_figure(fig, Path(path))
 
 

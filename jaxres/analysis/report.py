@@ -73,7 +73,7 @@ COLUMNS = (
     ("setting", "setting", 14),
     ("first_last", "first/last", 10),
     ("summed_rows", "(summed rows)", 13),
-    ("stage_rates", "stage rates", 17),
+    ("stage_rates", "stage rates", 19),
     ("theory", "theory", 26),
     ("transitions", "transitions", 12),
     ("gsc", "GSC unit_1", 10),
@@ -83,6 +83,12 @@ COLUMNS = (
     ("sigma", "sigma_max", 9),
     ("corr", "grad corr", 9),
 )
+
+
+def weight_draws(results: dict) -> int | None:
+    """The weight draws every measurement's rates are averaged over (None if they differ)."""
+    draws = {m["summary"].get("weight_draws", 1) for m in results["measurements"]}
+    return draws.pop() if len(draws) == 1 else None
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -113,8 +119,11 @@ def table_legend(results: dict) -> str:
         "first/last: median over examples of ||d z_i/d h_i|| (per-example block) at unit_1's input over the "
         "head's input (> 1: gradients grow towards the input); (summed rows): the same from "
         "||sum_j d z_j/d h_i|| (bn=batch); stage rates: per-stage geometric mean over shape-keeping units of "
-        "||dz/dh_l|| / ||dz/dh_l+1||; theory: mean-field stage rate +- its relative tolerance (jaxres.analysis.theory; "
-        "- where no theory covers the case); transitions: the same across each "
+        "||dz/dh_l|| / ||dz/dh_l+1||, of one weight draw (the study's seed; single draws of these 16-64-channel nets "
+        "scatter by 5-11 % per stage); theory: the mean-field stage rate of the whole net (jaxres.analysis.theory."
+        "predict_net_rates: borders, stem, head, BN's border pattern and head batch term, post-activation masks "
+        "followed along the identity) +- its relative tolerance, which is for means over >= 4 weight draws "
+        "(experiments/theory_check.py; - where no theory covers the case); transitions: the same across each "
         "stage-opening unit; GSC unit_1: gradient scale coefficient ||dz/dh||_qm ||h|| / ||z|| (Philipp et al. "
         "2018); |dz/dx|: at the image; cross e2e: share of ||dz/dh_1||_F^2 outside the per-example blocks "
         "(bn=batch); unit msv: median over sampled units of the per-example (block) mean squared singular "
@@ -124,8 +133,11 @@ def table_legend(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """The study as an aligned text table (columns: `table_legend`)."""
-    header = " ".join(f"{title:<{width}}" for _, title, width in COLUMNS).rstrip()
+    """The study as an aligned text table (columns: `table_legend`); the stage-rate column
+    says how many weight draws its rates are averaged over."""
+    draws = weight_draws(results)
+    titles = {"stage_rates": "stage rates" + ("" if draws is None else f", {draws} draw{'s' if draws > 1 else ''}")}
+    header = " ".join(f"{titles.get(key, title):<{width}}" for key, title, width in COLUMNS).rstrip()
     lines = [header, "-" * len(header)]
     for row in table_rows(results):
         lines.append(" ".join(f"{row[key]:<{width}}" for key, _, width in COLUMNS).rstrip())

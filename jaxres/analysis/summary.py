@@ -12,37 +12,80 @@ from jaxres.analysis import theory
 from jaxres.analysis.stages import UnitPlace, stage_rates
 
 
+WEIGHT_DRAWS = 1  # the study measures each model at one initialization (its seed)
+
+
+def _as_dict(prediction) -> dict:
+    return {"rate": prediction.rate, "tolerance": prediction.tolerance, "source": prediction.source,
+            "assumptions": prediction.assumptions}
+
+
 @functools.lru_cache(maxsize=None)
 def _prediction(kind: str, **question):
-    """A cached mean-field prediction (finite-batch BN rates are Monte Carlo, seconds each)."""
+    """A cached stationary mean-field prediction (finite-batch BN rates are Monte Carlo)."""
     predict = theory.predict_unit_rate if kind == "stage" else theory.predict_transition_factor
     found = predict(**question)
+    return None if found is None else _as_dict(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _net_prediction(shapes: tuple, places: tuple, **switches):
+    """A cached whole-net prediction (`theory.predict_net_rates`): stages and transitions."""
+    found = theory.predict_net_rates(shapes, [UnitPlace(*p) for p in places], **switches)
     if found is None:
         return None
-    return {"rate": found.rate, "tolerance": found.tolerance, "source": found.source,
-            "assumptions": found.assumptions}
+    return {"stages": [_as_dict(p) for p in found["stages"]],
+            "transitions": [_as_dict(p) for p in found["transitions"]]}
+
+
+def _cifar_layout(units: list[dict]) -> bool:
+    """Whether the net is laid out as `mean_field_unit_norms` assumes: a stride-1 stem, basic
+    blocks (two weight layers each), a pool head."""
+    stem, inner = units[0], units[1:-1]
+    return (stem["in_shape"][1] == stem["out_shape"][1] and bool(inner)
+            and all(len(u["probes"]) == 2 for u in inner) and len(units[-1]["out_shape"]) == 2)
 
 
 def predicted_rates(measurement, rates: dict) -> None:
-    """Adds `theory` (`theory.predict_unit_rate` / `predict_transition_factor`, with
-    `accepts`: the measured rate within the prediction's relative tolerance) to every stage
-    and transition of `rates`, None where no theory covers the case. BN in eval mode is left
-    without: its statistics are the calibrated or trained ones, which no mean-field theory
-    here describes. The effective batch of Flax's BatchNorm is N * H * W of the stage."""
+    """Adds `theory` (with `accepts`: the measured rate within the prediction's relative
+    tolerance, and `weight_draws`: how many draws the measured rate is averaged over) to every
+    stage and transition of `rates`, None where no theory covers the case.
+
+    For nets laid out like the zoo's CIFAR nets, the whole net's spatial mean field
+    (`theory.predict_net_rates`: borders, stem, transitions, the head; BN's border pattern,
+    finite batch N and the head's batch term; post-activation masks followed along the
+    identity; option-A shortcuts, projections for the pre-activation family), reduced like
+    the measurement; otherwise the stationary rate of each stage (`predict_unit_rate`,
+    effective BN batch N * H * W). BN in eval mode is left without: its statistics are the
+    calibrated or trained ones, which no mean-field theory here describes."""
     setting = measurement.setting
-    units = {u["name"]: u for u in measurement.units}
-    for entry, kind in [(s, "stage") for s in rates["stages"]] + [(t, "transition") for t in rates["transitions"]]:
-        names = entry["units"] if kind == "stage" else [entry["unit"]]
-        first = units[names[0]]
-        n, side, _, channels = first["out_shape"]
+    units = measurement.units
+    entries = [(s, "stage") for s in rates["stages"]] + [(t, "transition") for t in rates["transitions"]]
+    for entry, _ in entries:
         entry["theory"] = None
-        if setting.norm == "batchnorm" and setting.bn == "eval":
-            continue
+    if setting.norm == "batchnorm" and setting.bn == "eval":
+        return
+    preactivation = "preact" in measurement.family
+    if _cifar_layout(units):
+        found = _net_prediction(
+            tuple((tuple(u["in_shape"]), tuple(u["out_shape"])) for u in units),
+            tuple((u["name"], u["kind"], u["stage"]) for u in units), norm=setting.norm,
+            activation=setting.activation, residual=measurement.residual, preactivation=preactivation,
+            bn=setting.bn, batch=units[0]["in_shape"][0] if setting.norm == "batchnorm" else None,
+            shortcut="B" if preactivation else "A")
+        if found is not None:
+            for (entry, _), predicted in zip(entries, found["stages"] + found["transitions"]):
+                _attach(entry, predicted)
+        return
+    by_name = {u["name"]: u for u in units}
+    for entry, kind in entries:
+        first = by_name[(entry["units"] if kind == "stage" else [entry["unit"]])[0]]
+        n, side, _, channels = first["out_shape"]
         question = dict(norm=setting.norm, activation=setting.activation, residual=measurement.residual,
                         bn=setting.bn, layers_per_unit=max(len(first["probes"]), 1),
                         effective_batch=n * side * side if setting.norm == "batchnorm" else None, spatial=side)
         if kind == "stage":
-            question["preactivation"] = "preact" in measurement.family
+            question["preactivation"] = preactivation
         else:
             question["channel_ratio"] = channels / first["in_shape"][-1]
         try:
@@ -50,9 +93,13 @@ def predicted_rates(measurement, rates: dict) -> None:
         except ValueError:  # outside the theory's domain (e.g. too small an effective batch)
             predicted = None
         if predicted is not None:
-            measured = entry["rate"]
-            accepts = math.isfinite(measured) and abs(measured / predicted["rate"] - 1) <= predicted["tolerance"]
-            entry["theory"] = {**predicted, "accepts": bool(accepts)}
+            _attach(entry, predicted)
+
+
+def _attach(entry: dict, predicted: dict) -> None:
+    measured = entry["rate"]
+    accepts = math.isfinite(measured) and abs(measured / predicted["rate"] - 1) <= predicted["tolerance"]
+    entry["theory"] = {**predicted, "accepts": bool(accepts), "weight_draws": WEIGHT_DRAWS}
 
 
 def _unit_value(values) -> float:
@@ -101,7 +148,8 @@ def summarize(measurement) -> dict:
       `first_last_ratio_summed_rows` from the summed rows;
     - `stages` / `transitions`: per-stage bulk rates over the shape-keeping units and each
       transition's rate (`stages.stage_rates`), each with the mean-field `theory` beside it
-      (`predicted_rates`);
+      (`predicted_rates`); `weight_draws`: the draws each rate is averaged over (1: the
+      study's seed; the theory's tolerances are for means over >= 4 draws);
     - `input_logit_jac`: the median at the image; `gradient_scale_unit_1`: the median gradient
       scale coefficient at unit_1's input; `cross_example_share_unit_1` (bn="batch"): the
       end-to-end share of d z / d h_1 outside the per-example blocks;
@@ -117,6 +165,7 @@ def summarize(measurement) -> dict:
         "first_last_ratio": _ratio(units, "logit_jac"),
         "stages": rates["stages"],
         "transitions": rates["transitions"],
+        "weight_draws": WEIGHT_DRAWS,
         "input_logit_jac": units[0]["logit_jac"]["median"],
         "gradient_scale_unit_1": units[1]["gradient_scale"]["median"],
         "unit_msv": unit_msv(units),

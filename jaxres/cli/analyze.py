@@ -146,7 +146,12 @@ def run(args) -> int:
     units = plots.plot_exact_spectra(payload, out / "unit_spectra.png", source="unit")
     write_text_atomic(out / "table.txt", table + "\n\n" + report.table_legend(payload) + "\n")
     print(table)
-    print(f"\n{len(results.measurements)} measurements in {results.seconds:.0f} s; wrote results.json, norms.png, "
+    draws = report.weight_draws(payload)
+    drawn = "weight draws that differ by measurement" if draws is None else \
+        f"{draws} weight draw{'s' if draws != 1 else ''} (seed {config.seed}) per measurement"
+    print(f"\nStage rates: {drawn}, beside the mean field's predictions (tolerances are for means over >= 4 "
+          f"draws).")
+    print(f"{len(results.measurements)} measurements in {results.seconds:.0f} s; wrote results.json, norms.png, "
           f"loss_grads.png, gradient_scale.png, spectra.png, {'singular_values.png, ' if exact else ''}"
           f"{'unit_spectra.png, ' if units else ''}table.txt to {out}/")
     return 0
