@@ -1,5 +1,7 @@
-"""`jaxres bench`: the numbers it reports are consistent with each other (not timed tests), and
-the side-by-side runner (`jaxres.bench.side_by_side`) times workers in processes of their own."""
+"""`jaxres bench`: the numbers it reports are consistent with each other (not timed tests), the
+side-by-side runner (`jaxres.bench.side_by_side`) times workers in processes of their own, and
+every suite (`--suite step|conv|compile|analysis|monitor`) runs from the one parser on a tiny case,
+refusing another suite's options in one line."""
 
 import json
 import pathlib
@@ -13,7 +15,7 @@ import jaxres
 from jaxres.bench import bench_train_step, training_flops
 from jaxres.bench.peaks import ACCELERATOR_PEAKS, cpu_peak_flops
 from jaxres.train.precision import compute_dtype
-from jaxres.cli import main
+from jaxres.cli import build_parser, main
 
 
 def test_training_flops_are_six_macs_per_example():
@@ -117,3 +119,109 @@ def test_cli_times_torch_side_by_side(tmp_path, capsys):
     assert row["ratio"] == "jax/torch" and len(row["ratios"]) == 2
     assert row["torch"]["framework"].startswith("torch ") and row["jax"]["framework"].startswith("jax ")
     assert "jax/torch min/med" in capsys.readouterr().out
+
+
+# --- the suites of `jaxres bench` ---------------------------------------------------------------
+
+def bench_json(tmp_path, *argv) -> list[dict]:
+    out = tmp_path / "bench.json"
+    assert main(["bench", *argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("argv, given", [
+    (["cifar_resnet20", "cifar_resnet56", "--batch-size", "128", "--torch"],
+     {"models": ["cifar_resnet20", "cifar_resnet56"], "torch": True}),
+    (["resnet50", "--batch-size", "8", "--dtype", "bfloat16", "--driver", "sharded", "--json", "bench.json"],
+     {"models": ["resnet50"], "batch_size": 8, "dtype": "bfloat16", "driver": "sharded", "json": "bench.json"}),
+    (["cifar_resnet1202", "--batch-size", "32", "--scan", "--remat"],
+     {"models": ["cifar_resnet1202"], "batch_size": 32, "scan": True, "remat": True}),
+    (["resnet50", "--inference", "--steps", "8", "--torch", "--torch-python", "/usr/bin/python3"],
+     {"models": ["resnet50"], "mode": "inference", "steps": 8, "torch": True, "torch_python": "/usr/bin/python3"}),
+    (["cifar_resnet20", "--pipeline", "cifar10"], {"models": ["cifar_resnet20"], "pipeline": "cifar10"}),
+])
+def test_the_step_suite_parses_its_old_command_lines_the_same(argv, given):
+    from jaxres.cli.bench import STEP_DEFAULTS, check_suite_arguments, with_step_defaults
+
+    args = build_parser("bench").parse_args(["bench", *argv])
+    assert check_suite_arguments(args) == "step"
+    # the old parser's defaults (batch 128, 10 steps, 2 warm-up, float32, single, train), then what was given
+    expected = {**STEP_DEFAULTS, "models": [], "json": None, **given}
+    assert {k: v for k, v in vars(with_step_defaults(args)).items() if k not in ("command", "suite", "func")} == expected
+
+
+CONV_ROW = {"shape", "rule", "ms_min", "ms_median", "speedup", "max_rel_diff", "repeats", "backend", "jax"}
+
+
+def test_the_conv_suite_times_each_rule_on_the_chosen_shapes(tmp_path, monkeypatch, capsys):
+    from jaxres.bench import conv_rules
+
+    monkeypatch.setattr(conv_rules, "SHAPES", [(2, 8, 4, 8, 3, 1), (2, 8, 4, 8, 1, 2)])  # tiny stand-ins
+    (row,) = bench_json(tmp_path, "--suite", "conv", "--only", "k1", "--repeats", "1")
+    assert set(row) == CONV_ROW and row["shape"] == "2x8x8x4->8 k1s2"
+    assert row["rule"] == "matmul"  # tests/test_models_conv.py: every 1x1 kernel
+    assert set(row["ms_median"]) == set(conv_rules.COLUMNS)  # a 1x1 kernel has all three rules
+    assert row["speedup"] == pytest.approx(row["ms_median"]["kernel_lax"] / row["ms_median"]["kernel_matmul"])
+    assert row["max_rel_diff"] < 1e-5
+    assert "2x8x8x4->8 k1s2" in capsys.readouterr().out
+
+
+def test_the_compile_suite_compiles_each_variant(tmp_path):
+    (row,) = bench_json(tmp_path, "--suite", "compile", "cifar_resnet20", "--variants", "scan", "--batch-size", "2")
+    assert row["model"] == "cifar_resnet20" and row["variant"] == "scan" and row["scan_units"] is True
+    assert 0 < row["lower_s"] < row["compile_s"] and row["hlo_chars"] > 0
+
+
+def test_the_analysis_suite_runs_each_case_in_a_process_of_its_own(tmp_path):
+    (row,) = bench_json(tmp_path, "--suite", "analysis", "cifar_resnet20", "--only", "lanczos", "--batch-size", "2",
+                        "--repeats", "1")
+    assert {k: row[k] for k in ("case", "model", "batch_size")} == {"case": "lanczos", "model": "cifar_resnet20",
+                                                                     "batch_size": 2}
+    assert row["converged"] and row["sigma"] > 0 and row["iterations"] > 0 and row["residual"] <= 1e-3
+    assert 0 < row["median_s"] == row["first_call_s"]  # an iterative routine is timed once, compile included
+    assert row["peak_rss_mib"] > 100  # the case's process: JAX and the model (ru_maxrss)
+
+
+def test_the_monitor_suite_relates_a_measurement_to_training_steps(tmp_path, capsys):
+    step, measure = bench_json(tmp_path, "--suite", "monitor", "cifar_resnet20", "--batch-size", "2", "--probe-sizes",
+                               "2", "--steps", "1", "--repeats", "1", "--every", "10", "--run-steps", "100")
+    assert step["case"] == "train_step" and step["model"] == "cifar_resnet20" and step["batch_size"] == 2
+    assert (measure["case"], measure["probe_size"], measure["bn"]) == ("measure", 2, "batch")
+    # 100 steps measured every 10: 11 measurements and one compile
+    assert measure["overhead_interval"] == pytest.approx((measure["measure_s"] + measure["compile_s"])
+                                                         / (10 * step["step_s"]))
+    assert measure["overhead_run"] == pytest.approx((11 * measure["measure_s"] + measure["compile_s"])
+                                                    / (100 * step["step_s"]))
+    assert len(measure["load_avg_1min"]) == 2 and measure["cpus"] > 0
+    assert "11 measurements + one compile over 100 steps; bar: 10%" in capsys.readouterr().out
+
+
+def test_a_failing_case_process_raises_with_its_stderr():
+    from jaxres.bench.cases import run_isolated
+
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 1.*unknown model 'resnet5O'"):
+        run_isolated("jaxres.bench.monitor_cost", "train_step_case", model_name="resnet5O", batch_size=2, steps=1)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--suite", "conv", "--torch"],
+     "the conv suite does not take --torch (step): drop it, or choose the suite in brackets with --suite"),
+    (["cifar_resnet20", "--repeats", "3", "--variants", "scan"],
+     "the step suite does not take --repeats (conv, analysis, monitor), --variants (compile): drop them, "
+     "or choose the suite in brackets with --suite"),
+    (["--suite", "monitor", "--chunks", "128"], "the monitor suite does not take --chunks (analysis)"),
+    (["--suite", "compile", "cifar_resnet20", "--inference"], "the compile suite does not take --inference (step)"),
+    (["--suite", "convv"], "unknown bench suite 'convv'; did you mean 'conv'? "
+                           "(valid: analysis, compile, conv, monitor, step)"),
+    (["--suite", "conv", "cifar_resnet20"], "the conv suite takes no models; got cifar_resnet20"),
+    (["--suite", "monitor", "cifar_resnet20", "cifar_resnet32"],
+     "the monitor suite measures one model per run; got 2: cifar_resnet20 cifar_resnet32"),
+    ([], "the step suite needs one or more models, e.g. jaxres bench cifar_resnet20 "
+         "(the other suites: --suite conv|compile|analysis|monitor)"),
+    (["--suite", "compile", "resnet5O"], "unknown model 'resnet5O'; did you mean 'resnet50'"),
+    (["--suite", "conv", "--only", "k9"], "--only 'k9' matches none of the conv suite's cases; they are: "),
+])
+def test_a_wrong_suite_option_is_refused_in_one_line(capsys, argv, error):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jaxres bench: error: {error}") and err.count("\n") == 1, err

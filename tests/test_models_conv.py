@@ -116,7 +116,7 @@ def test_taps_where_they_were_measured_faster(kernel, pixels, taps):
 
 
 @pytest.mark.parametrize("kernel, pixels, rule", [
-    ((1, 1, 256, 64), 56 * 56, "matmul"),  # every 1x1 kernel, any stride: experiments/bench_conv.py
+    ((1, 1, 256, 64), 56 * 56, "matmul"),  # every 1x1 kernel, any stride: jaxres bench --suite conv
     ((1, 1, 1024, 2048), 7 * 7, "matmul"),  # measured 1.4-16x faster than XLA's on ResNet-50's 1x1 shapes
     ((3, 3, 16, 16), 32 * 32, "xla"),
     ((3, 3, 128, 128), 112 * 112, "taps"),

@@ -123,3 +123,18 @@ def bench_train_step(name: str, *, batch_size: int, dtype: str = "float32", driv
         "peak": peak_desc,
         "params": card.params if not overrides else None,
     }
+
+
+HEADER = (f"{'model':<18} {'mode':<9} {'batch':>5} {'dtype':<8} {'driver':<7} {'compile s':>9} "
+          f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+
+
+def format_rows(rows, header: bool = True) -> str:
+    """Rows of `bench_train_step` as a text table."""
+    lines = [HEADER, "-" * len(HEADER)] if header else []
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        lines.append(f"{r['model']:<18} {r['mode']:<9} {r['batch_size']:>5} {r['dtype']:<8} {r['driver']:<7} "
+                     f"{r['compile_s']:>9.1f} {1e3 * r['step_s']:>9.1f} {r['images_per_s']:>9.1f} "
+                     f"{r['model_tflops_per_s']:>8.3f} {mfu:>6}")
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it
 as a field). Its value is XLA's convolution, bit for bit; on CPU four things differ from XLA's
-own rules, each measured on a 2-core x86 CPU (`experiments/bench_conv.py`, `jaxres bench`):
+own rules, each measured on a 2-core x86 CPU (`jaxres bench --suite conv`, `jaxres bench`):
 
 - The input is materialized once (`_materialized`). XLA's kernel gradient transposes the input
   to (C, H, W, N); XLA:CPU fused that transpose with the input's elementwise producers and so
@@ -120,8 +120,8 @@ def _conv_jvp(strides, padding, precision, rule, primals, tangents):
         # A strided 1x1 input gradient by XLA is a convolution over the output gradient dilated
         # with zeros (s^2 times the work); as a matrix product it is one GEMM on the output
         # gradient and a scatter: 1.1-1.6x faster on ResNet-50's three shapes. At stride 1 XLA's
-        # convolution was as fast or up to 2x faster than the GEMM (experiments/bench_conv.py,
-        # `dx` columns).
+        # convolution was as fast or up to 2x faster than the GEMM (`jaxres bench --suite
+        # conv`, `dx` columns).
         return y, _pixel_matmul(dx, w, strides, padding, precision) + kernel
     return y, _input_tangent(dx, w, strides, padding, precision) + kernel
 

@@ -1,7 +1,7 @@
 """Convolution kernel gradient on the zoo's conv shapes: XLA's rule against each of
 jaxres.models.conv's CPU rules.
 
-    python experiments/bench_conv.py [--json PATH] [--only 8x56x56] [--repeats 7]
+    jaxres bench --suite conv [--json PATH] [--only 8x56x56] [--repeats 7]
 
 Prints a table (milliseconds, median (min) of --repeats synchronized calls after a warm-up
 call, the variants interleaved call by call so load drifts hit them alike) of the forward
@@ -19,15 +19,15 @@ stays the fastest. Made for XLA:CPU; on other backends jaxres uses XLA's rule un
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxres.bench.cases import selected
 from jaxres.models.conv import NHWC, _conv, _materialized, kernel_gradient_rule
 
 # (batch, side, c_in, c_out, kernel, stride): CIFAR ResNet stages at batch 128, ImageNet
@@ -42,6 +42,8 @@ SHAPES = [
     (8, 14, 1024, 2048, 1, 2), (8, 7, 512, 2048, 1, 1), (8, 7, 2048, 512, 1, 1),
 ]
 RULES = ("xla", "taps", "matmul")
+# the timed calls of a row, in the table's order
+COLUMNS = ("forward", "input_lax", "input_jaxres", "kernel_lax") + tuple(f"kernel_{r}" for r in RULES)
 
 
 def interleaved_ms(calls: dict, repeats: int) -> dict:
@@ -62,6 +64,8 @@ def label(n, side, cin, cout, k, s) -> str:
 
 
 def bench_shape(n, side, cin, cout, k, s, repeats: int) -> dict:
+    """One row: the timed calls of one conv shape (NHWC input n x side x side x cin, HWIO
+    kernel k x k x cin x cout, stride s, 'same'-style padding k // 2), float32."""
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (n, side, side, cin))
     w = jax.random.normal(keys[1], (k, k, cin, cout)) / (k * k * cin) ** 0.5
@@ -90,38 +94,30 @@ def bench_shape(n, side, cin, cout, k, s, repeats: int) -> dict:
     return {"shape": label(n, side, cin, cout, k, s), "rule": chosen,
             "ms_min": {name: v[0] for name, v in ms.items()}, "ms_median": {name: v[1] for name, v in ms.items()},
             "speedup": ms["kernel_lax"][1] / ms[f"kernel_{chosen}"][1],
-            "max_rel_diff": float(jnp.max(jnp.abs(ref - ours)) / jnp.max(jnp.abs(ref)))}
+            "max_rel_diff": float(jnp.max(jnp.abs(ref - ours)) / jnp.max(jnp.abs(ref))),
+            "repeats": repeats, "backend": jax.default_backend(), "jax": jax.__version__}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", help="substring of the shape label, e.g. 128x32x32 or k1")
-    args = parser.parse_args()
-    print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-          f"ms, median (min) of {args.repeats} interleaved calls")
-    columns = ("forward", "input_lax", "input_jaxres", "kernel_lax") + tuple(f"kernel_{r}" for r in RULES)
-    print(f"{'shape':<32} {'rule':>6} " + " ".join(f"{c.replace('kernel_', 'dW ').replace('input_', 'dx '):>14}"
-                                                   for c in columns)
-          + f" {'speedup':>8} {'rel diff':>9}")
-    rows = []
-    for shape in SHAPES:
-        if args.only and args.only not in label(*shape):
-            continue
-        r = bench_shape(*shape, repeats=args.repeats)
-        rows.append(r)
+def bench_conv_rules(*, repeats: int = 5, only: str | None = None, shapes=None) -> Iterator[dict]:
+    """The rows of `shapes` (default SHAPES) whose label contains one of `only`'s
+    comma-separated strings (all when None), one by one as each is measured."""
+    shapes = SHAPES if shapes is None else shapes
+    for shape in selected(shapes, only, label=lambda shape: label(*shape), suite="conv"):
+        yield bench_shape(*shape, repeats=repeats)
+
+
+def format_rows(rows, header: bool = True) -> str:
+    """Rows of `bench_shape` as a text table."""
+    lines = []
+    if header:
+        lines.append(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+                     f"ms, median (min) of the interleaved calls")
+        lines.append(f"{'shape':<32} {'rule':>6} "
+                     + " ".join(f"{c.replace('kernel_', 'dW ').replace('input_', 'dx '):>14}" for c in COLUMNS)
+                     + f" {'speedup':>8} {'rel diff':>9}")
+    for r in rows:
         cells = [f"{r['ms_median'][c]:>7.1f} ({r['ms_min'][c]:>5.1f})" if c in r["ms_median"] else f"{'-':>14}"
-                 for c in columns]
-        print(f"{r['shape']:<32} {r['rule']:>6} " + " ".join(cells)
-              + f" {r['speedup']:>7.2f}x {r['max_rel_diff']:>9.1e}", flush=True)
-    text = json.dumps({"backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
-    else:
-        print(text)
-
-
-if __name__ == "__main__":
-    main()
+                 for c in COLUMNS]
+        lines.append(f"{r['shape']:<32} {r['rule']:>6} " + " ".join(cells)
+                     + f" {r['speedup']:>7.2f}x {r['max_rel_diff']:>9.1e}")
+    return "\n".join(lines)

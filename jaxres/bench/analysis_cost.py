@@ -8,18 +8,23 @@
 
 Each case runs in its own subprocess so peak RSS (ru_maxrss) is the case's own. Times are
 the median of --repeats runs after one warm-up (compile excluded; compile reported apart).
+Another CIFAR ResNet can stand in for cifar_resnet56 (the positional model; unit_1 of each is
+32x32x16).
 
-    .venv/bin/python experiments/bench_analysis.py [--batch-size 32] [--json out.json]
+    jaxres bench --suite analysis [cifar_resnet56] [--batch-size 32] [--only lanczos,power] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import subprocess
-import sys
 import time
+from typing import Iterator
+
+from jaxres.bench.cases import run_isolated, selected
+
+# the cases in the order they run; "frobenius_exact" runs once per chunk size
+CASES = ("train_step", "e2e_segmented_eval", "e2e_segmented_batch", "e2e_whole_eval", "lanczos", "power",
+         "frobenius_exact")
 
 
 def _timed(fn, repeats):
@@ -36,7 +41,9 @@ def _timed(fn, repeats):
     return {"first_call_s": first, "median_s": times[len(times) // 2] if times else first}
 
 
-def case(name: str, batch_size: int, repeats: int, chunk: int) -> dict:
+def case(name: str, batch_size: int, repeats: int, chunk: int, model: str = "cifar_resnet56") -> dict:
+    """One row, measured in this process: `name` (one of CASES) on `model` at `batch_size`
+    (frobenius_exact: in chunks of `chunk` JVPs); its peak RSS is this process's."""
     import jax
     import optax
 
@@ -45,11 +52,11 @@ def case(name: str, batch_size: int, repeats: int, chunk: int) -> dict:
     from jaxres.analysis.endtoend import end_to_end_norms, end_to_end_norms_whole
     from jaxres.analysis.segments import SegmentCache, find_segment
 
-    model = jaxres.create_model("cifar_resnet56")
+    model_name, model = model, jaxres.create_model(model)
     x = jax.random.normal(jax.random.key(0), (batch_size, 32, 32, 3))
     labels = jax.random.randint(jax.random.key(1), (batch_size,), 0, 10)
     variables = jax.jit(model.init)(jax.random.key(2), x)
-    result = {"case": name, "batch_size": batch_size}
+    result = {"case": name, "model": model_name, "batch_size": batch_size}
     if name == "train_step":
         tx = optax.sgd(0.1, momentum=0.9)
         opt = tx.init(variables["params"])
@@ -99,42 +106,30 @@ def case(name: str, batch_size: int, repeats: int, chunk: int) -> dict:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunks", default="128,512,2048")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--only", default=None, help="comma-separated case names to run (default: all)")
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--chunk", type=int, default=256, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(case(args.case, args.batch_size, args.repeats, args.chunk)))
-        return 0
-    cases = [("train_step", 0), ("e2e_segmented_eval", 0), ("e2e_segmented_batch", 0), ("e2e_whole_eval", 0),
-             ("lanczos", 0), ("power", 0)] + [("frobenius_exact", int(c)) for c in args.chunks.split(",")]
-    if args.only:
-        cases = [c for c in cases if c[0] in args.only.split(",")]
-    rows = []
-    for name, chunk in cases:
-        out = subprocess.run([sys.executable, __file__, "--case", name, "--batch-size", str(args.batch_size),
-                              "--repeats", str(args.repeats), "--chunk", str(chunk)],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{name:<22} {chunk or '':>6} first {rows[-1]['first_call_s']:8.2f} s  median "
-              f"{rows[-1]['median_s']:8.3f} s  peak RSS {rows[-1]['peak_rss_mib']:7.0f} MiB  "
-              + " ".join(f"{k}={v}" for k, v in rows[-1].items()
-                         if k in ("iterations", "residual", "sigma", "frobenius_sq")), flush=True)
+def bench_analysis_cost(model: str = "cifar_resnet56", *, batch_size: int = 32, repeats: int = 3,
+                        chunks=(128, 512, 2048), only: str | None = None) -> Iterator[dict]:
+    """The rows of the cases (CASES; `only`: those whose name contains one of its comma-separated
+    strings), each measured in a process of its own, one by one as each finishes."""
+    cases = [(name, 0) for name in CASES[:-1]] + [("frobenius_exact", int(c)) for c in chunks]
+    for name, chunk in selected(cases, only, label=lambda c: c[0], suite="analysis"):
+        yield run_isolated("jaxres.bench.analysis_cost", "case", name=name, batch_size=batch_size,
+                           repeats=repeats, chunk=chunk, model=model)
+
+
+def format_rows(rows, header: bool = True) -> str:
+    """Rows of `case` as a text table: seconds of the first call and the median of the rest,
+    the case's peak RSS, and what the iterative routines report."""
+    lines = [f"{'case':<22} {'chunk':>6} {'first s':>8} {'median s':>9} {'peak RSS MiB':>12}  result"] if header else []
+    for r in rows:
+        lines.append(f"{r['case']:<22} {r.get('chunk_size', ''):>6} {r['first_call_s']:8.2f} {r['median_s']:9.3f} "
+                     f"{r['peak_rss_mib']:12.0f}  "
+                     + " ".join(f"{k}={v}" for k, v in r.items()
+                                if k in ("iterations", "residual", "sigma", "frobenius_sq")))
+    return "\n".join(lines)
+
+
+def notes(rows) -> str:
+    """Each end-to-end case's time in training steps, against the issue's target."""
     steps = [r["median_s"] for r in rows if r["case"] == "train_step"]
-    for row in rows:
-        if steps and row["case"].startswith("e2e_"):
-            print(f"{row['case']}: {row['median_s'] / steps[0]:.2f}x one training step (target <= 4x)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return "\n".join(f"{r['case']}: {r['median_s'] / steps[0]:.2f}x one training step (target <= 4x)"
+                     for r in rows if steps and r["case"].startswith("e2e_"))

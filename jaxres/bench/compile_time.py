@@ -1,6 +1,6 @@
 """Compile time of the training step vs depth, unrolled and with `scan_units`.
 
-    python experiments/bench_compile.py [--batch-size 32] [--json PATH] [models...]
+    jaxres bench --suite compile [--batch-size 32] [--variants unrolled,scan] [--json PATH] [models...]
 
 Lowers and compiles (no execution) jaxres's jitted training step (SGD momentum, train-mode
 BatchNorm) for each model as registered, and with identical blocks scanned (+ remat), and
@@ -10,20 +10,21 @@ preact_resnet1001 must compile in <= 1.5x cifar_resnet110's time.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import time
+from typing import Iterator
 
 import jax
 import numpy as np
 import optax
 
+from jaxres.choices import pick
 from jaxres.models import create_model
 from jaxres.train.state import create_train_state
 from jaxres.train.step import train_step
 
 VARIANTS = {"unrolled": {}, "scan": {"scan_units": True}, "scan+remat": {"scan_units": True, "remat_units": True}}
+MODELS = ("cifar_resnet110", "cifar_resnet1202", "preact_resnet1001")
 
 
 def compile_seconds(name: str, batch_size: int, **overrides) -> dict:
@@ -42,28 +43,20 @@ def compile_seconds(name: str, batch_size: int, **overrides) -> dict:
             "hlo_chars": len(compiled.as_text() or "")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", default=["cifar_resnet110", "cifar_resnet1202", "preact_resnet1001"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--variants", default="unrolled,scan,scan+remat")
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    rows = []
-    print(f"{'model':<20} {'variant':<11} {'trace+lower s':>13} {'total s':>8} {'HLO chars':>10}")
-    for name in args.models:
-        for variant in args.variants.split(","):
-            r = compile_seconds(name, args.batch_size, **VARIANTS[variant])
+def bench_compile_time(models=MODELS, *, batch_size: int = 32, variants=tuple(VARIANTS)) -> Iterator[dict]:
+    """One row per model and variant (a name of VARIANTS), one by one as each compiles."""
+    for variant in variants:
+        pick("compile variant", variant, VARIANTS)  # a misspelt variant fails before anything compiles
+    for name in models:
+        for variant in variants:
+            r = compile_seconds(name, batch_size, **VARIANTS[variant])
             r["variant"] = variant
-            rows.append(r)
-            print(f"{name:<20} {variant:<11} {r['lower_s']:>13.1f} {r['compile_s']:>8.1f} {r['hlo_chars']:>10,}", flush=True)
-    text = json.dumps(rows, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
-    else:
-        print(text)
+            yield r
 
 
-if __name__ == "__main__":
-    main()
+def format_rows(rows, header: bool = True) -> str:
+    """Rows of `bench_compile_time` as a text table."""
+    lines = [f"{'model':<20} {'variant':<11} {'trace+lower s':>13} {'total s':>8} {'HLO chars':>10}"] if header else []
+    lines += [f"{r['model']:<20} {r['variant']:<11} {r['lower_s']:>13.1f} {r['compile_s']:>8.1f} {r['hlo_chars']:>10,}"
+              for r in rows]
+    return "\n".join(lines)
