@@ -153,10 +153,10 @@ def test_cli_small_study_writes_results_plots_and_table(tmp_path, capsys):
 
 
 def test_bad_workers_count_is_named_before_any_work():
-    from jaxres.cli.analyze import measure_concurrently
+    from jaxres.analysis.study import run_study
 
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
-        measure_concurrently(StudyConfig(models=("cifar_resnet20",), depths=(20,)), progress_bar=False, workers=0)
+        run_study(StudyConfig(models=("cifar_resnet20",), depths=(20,)), workers=0)
 
 
 @pytest.mark.slow
@@ -164,7 +164,6 @@ def test_settings_in_threads_give_the_same_numbers_as_one_by_one():
     """Settings run concurrently (one thread each) with their own seeds and compiled code: every
     reported number is bit-identical to the sequential study, and measurements keep the config's order."""
     from jaxres.analysis.study import run_study
-    from jaxres.cli.analyze import measure_concurrently
 
     config = StudyConfig(models=("cifar_resnet20",), depths=(20,), norms=("none",), activations=("relu", "tanh"),
                          batch_size=2, jacobian_units=1, num_probes=4, max_iter=8)
@@ -173,7 +172,7 @@ def test_settings_in_threads_give_the_same_numbers_as_one_by_one():
         return [{k: v for k, v in m.items() if k != "seconds"} for m in results.to_json()["measurements"]]
 
     one_by_one = run_study(config)
-    threaded = measure_concurrently(config, progress_bar=False, workers=2)
+    threaded = run_study(config, workers=2)
     assert [m.setting.activation for m in threaded.measurements] == ["relu", "tanh"]
     assert numbers(threaded) == numbers(one_by_one)
 
@@ -195,15 +194,18 @@ def test_checkpoint_from_a_jaxres_train_workdir(tmp_path, saved_checkpoint):
 def test_a_workdir_checkpoint_names_the_model_as_trained(tmp_path):
     """`jaxres analyze --checkpoint WORKDIR` rebuilds the model from the config stored in the
     checkpoint: a cifar_plain20 trained on Fashion-MNIST takes 1-channel images."""
-    from jaxres.cli.analyze import trained_as
+    from jaxres.analysis.restore import study_settings
     from jaxres.workdir import Workdir
 
     with Workdir(tmp_path, create=True) as wd:
         wd.save(3, {"step": np.int32(3)}, {}, {"model": "cifar_plain20", "dataset": "fashion_mnist",
                                                "model_overrides": {"activation": "tanh"}})
-    assert trained_as(tmp_path) == {"models": "cifar_plain20", "norm": "batchnorm", "activation": "tanh",
-                                    "in_channels": 1}
-    assert trained_as(tmp_path / "checkpoints" / "3") == trained_as(tmp_path)
+    assert study_settings(tmp_path) == {"models": "cifar_plain20", "norm": "batchnorm", "activation": "tanh",
+                                        "in_channels": 1}
+    assert study_settings(tmp_path / "checkpoints" / "3") == study_settings(tmp_path)
+    with Workdir(tmp_path / "other", create=True) as wd:  # a model built from overrides alone is not in the registry
+        wd.save(3, {"step": np.int32(3)}, {}, {"model": "ResNet", "dataset": "fashion_mnist"})
+    assert study_settings(tmp_path / "other") == {}
 
 
 def test_table_labels_estimates_with_their_interval_and_shows_the_theory():

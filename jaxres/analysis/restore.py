@@ -69,6 +69,28 @@ def stored_config(path) -> dict:
         return _readable(path, lambda: workdir.stored_json(step, "config", kind), (workdir, kind, step))
 
 
+def study_settings(path) -> dict:
+    """The study settings that rebuild a trained net as it was trained (`StudyConfig` fields:
+    `models` its registry name, `norm`, `activation`, `in_channels`), from the training config
+    stored at PATH (as for `restore_variables`); {} when PATH stores none, or names a model
+    outside the registry (`ResNet` / `VGG` built from overrides alone). The values are the built
+    model's own: its registry defaults with the run's `model_overrides` applied, and the
+    dataset's channels where the run did not set `in_channels` (as `jaxres train` builds it)."""
+    from jaxres.data import dataset_spec
+    from jaxres.models import create_model, model_names
+
+    stored = stored_config(path)
+    if not stored or stored.get("model") not in model_names():
+        return {}
+    overrides = {k: v for k, v in (stored.get("model_overrides") or {}).items()
+                 if k in ("norm", "activation", "in_channels")}
+    if "dataset" in stored:
+        overrides.setdefault("in_channels", dataset_spec(stored["dataset"]).channels)
+    model = create_model(stored["model"], **overrides)
+    return {"models": stored["model"], "norm": model.norm, "activation": model.activation,
+            "in_channels": model.in_channels}
+
+
 def restore_variables(path) -> dict:
     """`{"params": ..., "batch_stats": ...}` (batch_stats only if saved) from a checkpoint."""
     if is_weights_file(path):

@@ -9,10 +9,7 @@ partial file behind. The settings run concurrently, one thread each, with a prog
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import threading
-import time
 
 from jaxres.cli.paths import check_output_dir
 
@@ -26,22 +23,6 @@ def _list(text: str, cast=str) -> tuple:
 
 
 DEFAULT_MODELS = "cifar_plain,cifar_resnet,preact_resnet110"
-
-
-def trained_as(checkpoint) -> dict:
-    """For a `jaxres train` workdir (or its checkpoints), the study settings that rebuild the
-    model as it was trained: its registry name, norm, activation and input channels, from the
-    config stored in the checkpoint ({} for other checkpoints, or a model not in the registry)."""
-    from jaxres.analysis.restore import stored_config
-    from jaxres.data import dataset_spec
-
-    stored = stored_config(checkpoint)
-    overrides = stored.get("model_overrides") or {}
-    if not stored or stored.get("model") in ("ResNet", "VGG"):
-        return {}
-    return {"models": stored["model"], "norm": overrides.get("norm", "batchnorm"),
-            "activation": overrides.get("activation", "relu"),
-            "in_channels": overrides.get("in_channels", dataset_spec(stored["dataset"]).channels)}
 
 
 class Progress:
@@ -65,49 +46,13 @@ class Progress:
         self._bar.close()
 
 
-def default_workers(num_settings: int) -> int:
-    """Settings run concurrently, one thread each, up to the machine's cores: a setting's
-    compiles and runs release the GIL, so two settings keep both cores of a 2-core CPU busy
-    (one setting alone keeps about one core busy: it is mostly single-threaded XLA compiles)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, num_settings))
-
-
-def setting_cost_rank(setting) -> int:
-    """0 for the costliest settings: BatchNorm with batch statistics (per-example blocks of a
-    batch map: N*C backward rows, and batch-map unit Jacobians), then BatchNorm eval, then
-    no normalization."""
-    return 0 if setting.norm == "batchnorm" and setting.bn == "batch" else 1 if setting.norm == "batchnorm" else 2
-
-
-def measure_concurrently(config, variables_for=None, *, workers: int | None = None, progress_bar: bool = True):
-    """`study.run_study` with the settings in `workers` threads (default: `default_workers`),
-    the costliest first so the threads finish close together. Every number is the same as
-    with one thread: each setting's seeds, compiled code and order of operations are its own."""
-    from jaxres.analysis import study
-
-    settings = config.settings()
-    workers = default_workers(len(settings)) if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    progress = Progress(study.total_steps(config), progress_bar)
-    start = time.perf_counter()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="analyze") as pool:
-            started = {i: pool.submit(study.measure_setting, settings[i], config, variables_for, progress)
-                       for i in sorted(range(len(settings)), key=lambda i: setting_cost_rank(settings[i]))}
-            per_setting = [started[i].result() for i in range(len(settings))]
-    finally:
-        progress.close()
-    return study.collect(config, per_setting, time.perf_counter() - start)
-
-
 def run(args) -> int:
     from jaxres.analysis import plots, report, study
+    from jaxres.analysis.restore import study_settings
     from jaxres.files import write_text_atomic
 
     out = check_output_dir(args.out)  # before the study, which may take an hour
-    trained = trained_as(args.checkpoint) if args.checkpoint else {}
+    trained = study_settings(args.checkpoint) if args.checkpoint else {}
 
     def given(option, default):  # given empty (or 0), it stays so, for StudyConfig to refuse
         return default if option is None else option
@@ -126,14 +71,11 @@ def run(args) -> int:
 
         restored = restore_variables(args.checkpoint)
         variables_for = lambda name, model, x: check_variables(model, restored, x, name)  # noqa: E731
-    if args.workers == 1:  # the library's own loop, one setting after the other
-        progress = Progress(study.total_steps(config), not args.no_progress)
-        try:
-            results = study.run_study(config, variables_for=variables_for, on_progress=progress)
-        finally:
-            progress.close()
-    else:
-        results = measure_concurrently(config, variables_for, workers=args.workers, progress_bar=not args.no_progress)
+    progress = Progress(study.total_steps(config), not args.no_progress)
+    try:
+        results = study.run_study(config, variables_for=variables_for, on_progress=progress, workers=args.workers)
+    finally:
+        progress.close()
     results.checkpoint = str(args.checkpoint) if args.checkpoint else None
     payload = results.to_json()
     table = report.format_table(payload)
