@@ -340,7 +340,7 @@ def test_an_empty_metadata_file_of_a_plain_orbax_checkpoint_is_named(tmp_path):
 COMMAND_ARGS = {
     "models": [], "convert": ["torchvision", "--out", "w"], "train": ["--config", "c.py", "--workdir", "w"],
     "eval": ["--workdir", "w"], "data": ["list"], "bench": ["cifar_resnet20"], "analyze": [],
-    "experiment": ["degradation"],
+    "experiment": ["degradation"], "inspect": ["lesion", "--checkpoint", "w"],
 }
 
 

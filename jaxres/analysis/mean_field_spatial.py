@@ -4,7 +4,7 @@ transient, stride-2 transitions and the head's uniform gradient are all predicte
 (`mean_field_unit_norms`); see `theory` for the scalar rates it refines.
 
 Beyond the per-position variances, three mechanisms (each tested against a measurement in
-tests/test_analysis_theory.py and isolated by a control in experiments/theory_check.py):
+tests/test_analysis_theory.py and isolated by a control in jaxres/experiments/theory_check.py):
 
 - **BatchNorm's border pattern.** A conv's output has, per channel, an example-independent
   mean at every position (the weights times the previous activation's mean, e.g. ReLU's

@@ -123,7 +123,7 @@ def table_legend(results: dict) -> str:
         "scatter by 5-11 % per stage); theory: the mean-field stage rate of the whole net (jaxres.analysis.theory."
         "predict_net_rates: borders, stem, head, BN's border pattern and head batch term, post-activation masks "
         "followed along the identity) +- its relative tolerance, which is for means over >= 4 weight draws "
-        "(experiments/theory_check.py; - where no theory covers the case); transitions: the same across each "
+        "(jaxres experiment theory; - where no theory covers the case); transitions: the same across each "
         "stage-opening unit; GSC unit_1: gradient scale coefficient ||dz/dh||_qm ||h|| / ||z|| (Philipp et al. "
         "2018); |dz/dx|: at the image; cross e2e: share of ||dz/dh_1||_F^2 outside the per-example blocks "
         "(bn=batch); unit msv: median over sampled units of the per-example (block) mean squared singular "

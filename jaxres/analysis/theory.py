@@ -14,7 +14,7 @@ Two entry points:
   (`mean_field_spatial.mean_field_unit_norms`: zero-padding borders per position, the
   stem's forward transient, transitions, the head), reduced to per-stage and per-transition
   rates exactly as the measurements are (`stages.stage_rates`). What `jaxres analyze` and
-  experiments/theory_check.py put beside their measurements.
+  jaxres/experiments/theory_check.py (`jaxres experiment theory`) put beside their measurements.
 - `predict_unit_rate` / `predict_transition_factor`: the stationary mid-stage rate of a
   setting (no stem, no head), for a quick number.
 

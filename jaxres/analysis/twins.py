@@ -2,7 +2,7 @@
 (`mlp_twin_rates`, no convolution borders) and conv stages (`conv_twin_rates`) with switches
 the zoo's models do not have - circular padding, BatchNorm centred per position, masks
 shuffled in the backward pass - so that each mechanism of `jaxres.analysis.theory` can be
-isolated by a control (experiments/theory_check.py). Measurements, not theory: every number
+isolated by a control (`jaxres experiment theory`, jaxres/experiments/theory_check.py). Measurements, not theory: every number
 here comes from JAX's VJPs of the twin's own forward pass.
 """
 

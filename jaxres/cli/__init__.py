@@ -37,9 +37,9 @@ COMMANDS = {
     "train": "train a model from a recipe (resumes from the workdir)",
     "eval": "evaluate a training run's checkpoint on the full eval split",
     "data": "list, import (offline IDX files) or prepare (TFDS download) datasets",
-    "bench": "time a training step: compile, step time, images/s, MFU (optionally vs PyTorch)",
+    "bench": "benchmarks: a training step (images/s, MFU, vs PyTorch) and the suites conv, compile, analysis, monitor",
     "analyze": "exact gradient-propagation study: plain vs residual twins at initialization",
-    "experiment": "paper experiments over training + analysis (degradation: He et al. 2015 Fig. 1/6/7)",
+    "experiment": "experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs measurement)",
     "inspect": "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra",
 }
 

@@ -211,7 +211,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "bench",
-        help="time a training step: compile, step time, images/s, MFU (optionally vs PyTorch)",
+        help="benchmarks: a training step (images/s, MFU, vs PyTorch) and the suites conv, compile, analysis, monitor",
         description="Benchmarks, one suite per run; each prints a table and writes its rows as JSON. The "
         "default suite, step, times jaxres's training step (SGD momentum, cross-entropy, train-mode BN) on a "
         "fixed synthetic batch: compile time, median synchronized step time after warm-up, images/s and "

@@ -1,6 +1,6 @@
 """`jaxres experiment degradation [--out DIR] [--quick] [--plot-only] [--models a,b] [--conditions c,d]
-[--seeds N|a,b] [--num-steps N]`: paper experiments that compose training and the gradient analysis
-(jaxres.experiments)."""
+[--seeds N|a,b] [--num-steps N]` and `jaxres experiment theory [--out DIR] [--quick] [--draws N]
+[--sections a,b] [--merge] [--predict-only]`: the experiments (jaxres.experiments)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "experiment",
-        help="paper experiments over training + analysis (degradation: He et al. 2015 Fig. 1/6/7)",
-        description="Runs a whole experiment: several `jaxres train` runs in OUT/runs/<condition>/<model>/seed<k>, "
-                    "one after the other, then its figures and tables. Rerunning continues where it stopped; finished runs "
-                    "are not redone.",
+        help="experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs measurement)",
+        description="Runs a whole experiment and writes its figures and tables into --out: degradation (several "
+                    "`jaxres train` runs in OUT/runs/<condition>/<model>/seed<k>; rerunning continues where it stopped, "
+                    "finished runs are not redone) or theory (the mean-field theory against measurement).",
     )
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     degr = experiments.add_parser(
@@ -46,7 +46,41 @@ def register(subparsers) -> None:
                       help="N (seeds 0 .. N-1) or a comma-separated list (one seed: '5,'); default 3 (with --quick 2)")
     degr.add_argument("--num-steps", type=int, default=None, help="steps per run (default: the recipe's)")
     degr.add_argument("--data-dir", default="", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.set_defaults(func=run, on_interrupt="rerun the same command to continue; finished runs are not redone")
+    degr.set_defaults(func=run, on_interrupt="rerun the same command to continue; finished runs are not redone")
+    theory = experiments.add_parser(
+        "theory",
+        help="the mean-field theory against exact measurements over weight draws, with controls per mechanism",
+        description="jaxres.analysis.theory's predictions beside the measured per-unit and per-stage rates of the "
+                    "default CIFAR nets (depths 20 and 56), wide and MLP twins, over weight draws, with controls that "
+                    "isolate each mechanism, the BN batch sweep, signal propagation and shattered gradients. Writes "
+                    "results.json (after every section), results.md and bn_batch_sweep/rates/signal_prop/shattered "
+                    ".png into --out. The committed results: experiments/results/theory.",
+        epilog="example: jaxres experiment theory --quick --out runs/theory_quick",
+    )
+    theory.add_argument("--out", default="runs/theory", help="output directory (default: %(default)s)")
+    theory.add_argument("--quick", action="store_true", help="smaller nets, 2 draws: a smoke run")
+    theory.add_argument("--draws", type=int, default=None, help="weight draws per net (default 8, --quick 2)")
+    theory.add_argument("--sections", default=None,
+                        help="comma-separated subset of mlp_twins, bn_batch_sweep, controls, cifar_nets, wide_twins, "
+                             "width_spread, wider_cifar, signal_propagation, shattered (default: all)")
+    theory.add_argument("--merge", action="store_true",
+                        help="keep the other sections of an existing OUT/results.json (the wall time is then the sum "
+                             "over runs); cifar_nets keeps its stored draws and measures only the missing seeds")
+    theory.add_argument("--predict-only", action="store_true",
+                        help="measure nothing: recompute the predictions beside the measurements in OUT/results.json "
+                             "and redraw")
+    theory.set_defaults(func=run_theory, on_interrupt="results.json keeps every finished section; rerun the "
+                        "missing ones with --merge --sections ...")
+
+
+def run_theory(args) -> int:
+    from jaxres.experiments import theory_check
+
+    sections = theory_check.SECTIONS if args.sections is None else tuple(s.strip() for s in args.sections.split(","))
+    theory_check.run_theory_check(args.out, sections=sections, quick=args.quick, draws=args.draws, merge=args.merge,
+                                  predict_only=args.predict_only)
+    print(f"wrote results.json, results.md and the figures to {args.out}/")
+    return 0
 
 
 def run(args) -> int:
