@@ -116,7 +116,7 @@ def slice_2d(model, variables, images, labels, *, alphas, betas, seed: int = 0, 
     """The loss over the plane w + a d1 + b d2 (d1, d2 `filter_normalized_direction`s with seeds
     `seed` and `seed + 1`), a in `alphas`, b in `betas`; bad grids raise before any evaluation.
 
-    Returns a JSON-ready dict: `alpha`, `beta`, `loss` and `error` as [beta][alpha] lists,
+    Returns a JSON-ready dict: `alpha`, `beta`, `loss` and `error` as `[beta][alpha]` lists,
     `center` (loss and error at a = b = 0), `num_images`, `bn`, `directions` (how they were
     made), `method`. `progress(done, total)` is called after every grid point.
     """
