@@ -50,8 +50,9 @@ def test_a_full_krylov_space_gives_the_dense_singular_values(net, start, stop):
         assert w.sum() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_the_mean_square_is_exact_per_probe(net):
-    """sum_j w_j s_j^2 = ||J v||^2 / ||v||^2 for each probe v (the Gauss rule is exact in degree 1)."""
+def test_the_second_and_fourth_moments_are_exact_per_probe(net):
+    """sum_j w_j s_j^2 = ||J v||^2 / ||v||^2 and sum_j w_j s_j^4 = ||J^T J v||^2 / ||v||^2 for each
+    probe v (a Gauss rule of k >= 2 nodes is exact in degrees 1 and 2 of s^2)."""
     model, variables, segments, hs = net
     jac = dense_jacobian(model, variables, hs[1], "unit_1", "unit_2")
     chain = spectrum.chain_between(segments, "unit_1", "unit_2")
@@ -60,6 +61,7 @@ def test_the_mean_square_is_exact_per_probe(net):
     for s, w in zip(nodes, weights):
         v = rng.choice([-1.0, 1.0], size=hs[1].shape).ravel()
         assert np.sum(w * s**2) == pytest.approx(np.sum((jac @ v) ** 2) / v.size, rel=1e-4)
+        assert np.sum(w * s**4) == pytest.approx(np.sum((jac.T @ (jac @ v)) ** 2) / v.size, rel=1e-4)
 
 
 def test_summary_intervals_cover_the_dense_truth_and_the_density_adds_up(net):
@@ -68,6 +70,11 @@ def test_summary_intervals_cover_the_dense_truth_and_the_density_adds_up(net):
     result = spectrum.jacobian_spectrum(segments, hs, "unit_1", "unit_2", num_matvecs=12, num_probes=16)
     mean_sq = result["mean_sq_singular_value"]
     assert mean_sq["ci_low"] <= np.mean(exact**2) <= mean_sq["ci_high"]
+    fourth = result["mean_fourth_singular_value"]
+    assert fourth["ci_low"] <= np.mean(exact**4) <= fourth["ci_high"]
+    # the ratio of the two estimates (consistent, biased for few probes: its bootstrap interval is a guide)
+    assert result["isometry"]["estimate"] == pytest.approx(mean_sq["estimate"] ** 2 / fourth["estimate"])
+    assert result["isometry"]["estimate"] == pytest.approx(np.mean(exact**2) ** 2 / np.mean(exact**4), rel=0.25)
     assert result["sigma_max"]["estimate"] <= exact[0] * (1 + 1e-4)  # a lower bound...
     assert result["sigma_max"]["estimate"] == pytest.approx(exact[0], rel=1e-3)  # ...that Lanczos reaches first
     assert sum(result["density"]["mass"]) == pytest.approx(1 - result["null_share"]["estimate"], abs=1e-6)
