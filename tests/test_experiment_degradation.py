@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxres.analysis.quantities import MonitorRecord
 from jaxres.experiments import degradation, degradation_plots, degradation_results, intervals
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -349,8 +350,10 @@ def test_a_killed_invocation_counts_the_span_of_its_records():
 
 
 def test_kernel_norms_and_their_growth_come_from_the_gradient_and_its_ratio():
-    first = {"dL_dW": {"a": 2.0, "b": 1.0, "c": 0.0}, "dL_dW_rel": {"a": 0.5, "b": 0.25, "c": 0.0}}  # ||W||: 4, 4, -
-    last = {"dL_dW": {"a": 1.0, "b": 1.0, "c": 1.0}, "dL_dW_rel": {"a": 0.01, "b": 0.125, "c": 0.5}}  # 100, 8, 2
+    first = MonitorRecord(0, "batch", dL_dW={"a": 2.0, "b": 1.0, "c": 0.0},
+                          dL_dW_rel={"a": 0.5, "b": 0.25, "c": 0.0})  # ||W||: 4, 4, -
+    last = MonitorRecord(100, "batch", dL_dW={"a": 1.0, "b": 1.0, "c": 1.0},
+                         dL_dW_rel={"a": 0.01, "b": 0.125, "c": 0.5})  # 100, 8, 2
     norms = degradation_results.kernel_norms(last)
     assert norms == pytest.approx({"a": 100.0, "b": 8.0, "c": 2.0})
     growth = degradation_results.kernel_norm_growth(first, last)

@@ -25,6 +25,9 @@ h the input of a unit (the image for `stem`):
 - `singular_values`: the C singular values of each example's d z_i / d h_i (descending);
   `singular_values_summed_rows` those of the summed rows (bn="batch" with blocks).
 
+The keys are `jaxres.analysis.quantities`' (`LOGIT_JAC`, ...; the singular values are the
+`source` of `LOGIT_JAC_SINGULAR_VALUES*`), which defines each quantity once.
+
 Probes `layerk` are the normalized weight-layer outputs inside each unit (before the
 activation or the residual addition), so a plain net and its residual twin line up layer for
 layer; they get `logit_jac`, `logit_jac_summed_rows` and `loss_grad`.
@@ -44,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.analysis.forward_stats import build_forward
 from jaxres.analysis.segments import Segment, SegmentCache, check_bn
 from jaxres.models.layers import perturbation_name, probe_name
@@ -118,18 +122,18 @@ def _backward_builder(per_example_blocks: bool):
 def _summarize(squares: dict, num_classes: int, per_example_blocks: bool) -> dict:
     """Row squares (see `_row_squares`) -> per-example norms (numpy float64)."""
     sq = np.asarray(squares["rows"], np.float64)
-    out = {"loss_grad": np.sqrt(sq[-1])}
+    out = {q.LOSS_GRAD.key: np.sqrt(sq[-1])}
     if not per_example_blocks:
-        out["logit_jac_summed_rows"] = np.sqrt(sq[:num_classes].sum(0))
+        out[q.LOGIT_JAC_SUMMED_ROWS.key] = np.sqrt(sq[:num_classes].sum(0))
         return out
     n = sq.shape[1]
     blocks = sq[:-1].reshape(n, num_classes, n)  # [i, c, j]: ||d z_ic / d h_j||^2
     diagonal = blocks[np.arange(n), :, np.arange(n)].sum(-1)  # (N,): ||d z_i / d h_i||_F^2
-    out["logit_jac"] = np.sqrt(diagonal)
-    out["logit_jac_summed_rows"] = np.sqrt(np.asarray(squares["summed"], np.float64).sum(0))
+    out[q.LOGIT_JAC.key] = np.sqrt(diagonal)
+    out[q.LOGIT_JAC_SUMMED_ROWS.key] = np.sqrt(np.asarray(squares["summed"], np.float64).sum(0))
     total = blocks.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["cross_example_share"] = float(1.0 - diagonal.sum() / total)
+        out[q.CROSS_EXAMPLE_SHARE.key] = float(1.0 - diagonal.sum() / total)
     return out
 
 
@@ -242,20 +246,20 @@ def end_to_end(segments: list[Segment], x, labels, *, per_example_blocks: bool =
         summed = summed_rows(cot_in, c, blocks)
         entry = _summarize(_row_squares(cot_in, blocks), c, blocks)
         if blocks:
-            entry["singular_values"] = logit_singular_values(block_rows(cot_in, c))
-            entry["singular_values_summed_rows"] = logit_singular_values(summed)
+            entry[q.LOGIT_JAC_SINGULAR_VALUES.source] = logit_singular_values(block_rows(cot_in, c))
+            entry[q.LOGIT_JAC_SINGULAR_VALUES_SUMMED_ROWS.source] = logit_singular_values(summed)
         elif separable:
-            entry["logit_jac"] = entry["logit_jac_summed_rows"]
-            entry["singular_values"] = logit_singular_values(summed)
-        if "logit_jac" in entry:
-            entry["gradient_scale"] = gradient_scale(entry["logit_jac"], hs[index], logits)
+            entry[q.LOGIT_JAC.key] = entry[q.LOGIT_JAC_SUMMED_ROWS.key]
+            entry[q.LOGIT_JAC_SINGULAR_VALUES.source] = logit_singular_values(summed)
+        if q.LOGIT_JAC.key in entry:
+            entry[q.GRADIENT_SCALE.key] = gradient_scale(entry[q.LOGIT_JAC.key], hs[index], logits)
         probes = {}
         for k, v in probe_sq.items():
             probes[k] = _summarize(v, c, blocks)
             if separable:
-                probes[k]["logit_jac"] = probes[k]["logit_jac_summed_rows"]
-        units[seg.name] = {"input": entry, "probes": probes, "forward": forward[seg.name],
-                           "param_grad": {k: float(v) for k, v in param.items()}}
+                probes[k][q.LOGIT_JAC.key] = probes[k][q.LOGIT_JAC_SUMMED_ROWS.key]
+        units[seg.name] = {"input": entry, q.PROBES.key: probes, q.FORWARD_STD.source: forward[seg.name],
+                           q.PARAM_GRAD.key: {k: float(v) for k, v in param.items()}}
         cot = cot_in
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
     order = [s.name for s in segments]
@@ -327,13 +331,13 @@ def end_to_end_norms_whole(model, variables, x, labels, *, bn: str = "eval", per
     def summary(squares):
         entry = _summarize(squares, c, blocks)
         if not train:
-            entry["logit_jac"] = entry["logit_jac_summed_rows"]
+            entry[q.LOGIT_JAC.key] = entry[q.LOGIT_JAC_SUMMED_ROWS.key]
         return entry
 
     for index, name in enumerate(names):
         sq_in = x_sq if index == 0 else probe_sq[perturbation_name(f"out_{names[index - 1]}")]
         units[name] = {
             "input": summary(sq_in),
-            "probes": {probe_name(k): summary(v) for k, v in probe_sq.get(name, {}).items()},
+            q.PROBES.key: {probe_name(k): summary(v) for k, v in probe_sq.get(name, {}).items()},
         }
     return {"units": units, "logits": np.asarray(logits)}

@@ -7,33 +7,13 @@ policy to the run's analysis log (`Workdir.analysis_log`: written, flushed and f
 line), with TensorBoard scalars and a unit x step image in the run's TensorBoard events
 (`Workdir.tensorboard`, shared with the training metrics).
 
-A record (the probe batch x: (N, H, W, C); logits z: (N, C); L = mean cross-entropy over the
-N examples; h: the input of a unit, the image for `stem`):
-
-- `step`, `bn` ("batch": BatchNorm with the probe batch's statistics, as in training; "eval":
-  running statistics), `probe_size` N, `time_s` (seconds this policy's measurement took, the
-  first one including compilation; file and TensorBoard writes excluded), `loss` (L);
-- `units`: `model.unit_names()`, in order;
-- `dL_dh[unit]`: ||dL/dh|| over the whole batch tensor h (N, ...), = sqrt(sum_i ||dL/dh_i||^2)
-  from `end_to_end`'s per-example `loss_grad` (which includes the 1/N of the mean). With
-  bn="batch" it is the exact gradient of the batch loss, cross-example BN terms included;
-- `dlogits_dh[unit]`: `{"median", "q10", "q90"}` over examples i of `logit_jac_summed_rows`,
-  ||sum_j d z_j / d h_i||_F (C rows: class c's cotangent e_c on every example), exact. With
-  bn="eval" that is the per-example ||d z_i / d h_i||_F; with bn="batch" it adds the
-  cross-example terms of batch statistics (the per-example blocks would cost N*C backward
-  rows instead of C: `jaxres analyze` measures them on its small batch);
-- `dL_dW[path]`: ||dL/dW|| of every kernel, `path` = "unit/layer/kernel" as in
-  `variables["params"]`; `dL_dW_rel[path]` = ||dL/dW|| / ||W|| (Frobenius norms);
-- `response_std["unit/layerK"]`: the std over all N*H*W*C elements of each layer probe's
-  response (weight layer's normalized output, before activation / addition; He et al. 2015,
-  Fig. 7), in forward order (units, then layer1, layer2, ...); `forward_statistics` to
-  float32 rounding (the unit chain's values, not one whole-model pass);
-- only with `unit_jacobians > 0`, `unit_jacobian[unit]` for that many evenly spaced inner
-  units (`evenly_spaced_inner_units`): `frobenius_sq` = ||J||_F^2 of J = d unit(h) / d h
-  (bn="eval": example 0's per-example Jacobian; bn="batch": the whole batch map,
-  (N n_out) x (N n_in)), `exact` (True: basis JVP/VJPs; False: Hutchinson with 8 probes, used
-  when a unit needs > 256 of them), `sigma_max` = the largest singular value of the same J by
-  Lanczos to a relative Ritz residual of 1e-2 (<= 32 steps) - `unit_groups.JacobianOptions()`.
+A record is a `quantities.MonitorRecord`: `step`, `bn`, `probe_size`, `time_s`, `loss`, `units`,
+then the quantities of `quantities.MONITOR` - `dL_dh[unit]` (||dL/dh|| over the whole probe
+batch at the unit's input), `dlogits_dh[unit]` (quantiles over examples of
+||sum_j d z_j / d h_i||_F), `dL_dW[path]` and `dL_dW_rel[path]` per kernel, `response_std`
+per layer probe and, only with `unit_jacobians > 0`, `unit_jacobian[unit]` - each defined
+there (what it is, where it is measured, its form, exact or estimate, how it is reduced).
+The per-unit Jacobians use `unit_groups.JacobianOptions()`.
 
 Non-finite numbers are written as the strings "nan", "inf", "-inf" (as the metrics log
 does; `float(value)` reads both forms back), so every line is strict JSON.
@@ -57,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.analysis.endtoend import check_labels, end_to_end
 from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
 from jaxres.analysis.unit_groups import JacobianOptions, measure_group
@@ -174,25 +155,22 @@ def _kernel_norm(params: dict, path: str) -> float:
     return float(np.linalg.norm(np.asarray(node, np.float64)))
 
 
-def _record(step: int, bn: str, n: int, e2e_units: dict, loss: float, params: dict) -> dict:
-    """The record fields derived from `endtoend.end_to_end` (see the module docstring)."""
-    record = {"step": step, "bn": bn, "probe_size": n, "time_s": None, "loss": loss, "units": list(e2e_units),
-              "dL_dh": {}, "dlogits_dh": {}, "dL_dW": {}, "dL_dW_rel": {}, "response_std": {}}
+def _record(step: int, bn: str, n: int, e2e_units: dict, loss: float, params: dict) -> q.MonitorRecord:
+    """The record's quantities derived from `endtoend.end_to_end` (`time_s` still None)."""
+    dl_dh, dlogits_dh, dl_dw, dl_dw_rel, response_std = {}, {}, {}, {}, {}
     for unit, entry in e2e_units.items():
-        loss_grad = np.asarray(entry["input"]["loss_grad"], np.float64)
-        record["dL_dh"][unit] = float(np.sqrt(np.sum(np.square(loss_grad))))
-        summed_rows = np.asarray(entry["input"]["logit_jac_summed_rows"], np.float64)
-        q10, median, q90 = np.quantile(summed_rows, [0.1, 0.5, 0.9])
-        record["dlogits_dh"][unit] = {"median": float(median), "q10": float(q10), "q90": float(q90)}
-        for path, grad in entry["param_grad"].items():
+        dl_dh[unit] = q.whole_batch_norm(entry["input"][q.DL_DH.source])
+        dlogits_dh[unit] = q.median_q10_q90(entry["input"][q.DLOGITS_DH.source])
+        for path, grad in entry[q.DL_DW.source].items():
             full = f"{unit}/{path}"
-            record["dL_dW"][full] = grad
+            dl_dw[full] = grad
             with np.errstate(divide="ignore", invalid="ignore"):
-                record["dL_dW_rel"][full] = float(np.float64(grad) / _kernel_norm(params, full))
-        probes = sorted((p for p in entry["forward"] if p != "out"), key=lambda p: int(p.removeprefix("layer") or 0))
-        for probe in probes:
-            record["response_std"][f"{unit}/{probe}"] = entry["forward"][probe]
-    return record
+                dl_dw_rel[full] = float(np.float64(grad) / _kernel_norm(params, full))
+        forward = entry[q.RESPONSE_STD.source]
+        for probe in sorted((p for p in forward if p != "out"), key=lambda p: int(p.removeprefix("layer") or 0)):
+            response_std[f"{unit}/{probe}"] = forward[probe]
+    return q.MonitorRecord(step=step, bn=bn, probe_size=n, loss=loss, units=list(e2e_units), dL_dh=dl_dh,
+                           dlogits_dh=dlogits_dh, dL_dW=dl_dw, dL_dW_rel=dl_dw_rel, response_std=response_std)
 
 
 class TrainingMonitor:
@@ -255,16 +233,15 @@ class TrainingMonitor:
             self._tensorboard(records)
         return records
 
-    def _measure_one(self, step: int, bn: str, variables: dict) -> dict:
+    def _measure_one(self, step: int, bn: str, variables: dict) -> q.MonitorRecord:
         start = time.perf_counter()
         segments = self.cache.segments(self.model, variables, self.images.shape, bn, self.images.dtype)
         # summed rows only: the per-example blocks of a batch map cost N*C backward rows
         e2e = end_to_end(segments, self.images, self.labels, per_example_blocks=False)
         record = _record(step, bn, int(self.images.shape[0]), e2e.units, e2e.loss, variables["params"])
         if self.unit_jacobians:
-            record["unit_jacobian"] = self._unit_jacobians(segments, e2e.activations, bn)
-        record["time_s"] = time.perf_counter() - start
-        return record
+            record = dataclasses.replace(record, unit_jacobian=self._unit_jacobians(segments, e2e.activations, bn))
+        return dataclasses.replace(record, time_s=time.perf_counter() - start)
 
     def _unit_jacobians(self, segments: list, hs: list, bn: str) -> dict:
         """Per-unit ||J||_F^2 and sigma_max on the sampled inner units, grouped by computation
@@ -285,10 +262,10 @@ class TrainingMonitor:
                                          "exact": fro["method"] == "exact"}
         return {s.name: out[s.name] for s in segments if s.name in out}
 
-    def _append(self, records: list[dict]) -> list[dict]:
+    def _append(self, records: list[q.MonitorRecord]) -> list[dict]:
         """Writes `records` as JSON lines (replacing earlier ones of the same step and policy);
         returns them as written (non-finite numbers as strings)."""
-        records = [json_safe(r) for r in records]
+        records = [json_safe(r.to_json()) for r in records]
         new = {(r["step"], r["bn"]) for r in records}
         if any((r["step"], r["bn"]) in new for r in self.records):  # measured again: replace
             self.records = [r for r in self.records if (r["step"], r["bn"]) not in new]
@@ -302,12 +279,13 @@ class TrainingMonitor:
         """Per-unit scalars and the unit x step image of every record."""
         for record in records:
             prefix, step = f"analysis_{record['bn']}", record["step"]
-            self._scalar(f"{prefix}/loss", record["loss"], step)
-            for unit, value in record["dL_dh"].items():
-                self._scalar(f"{prefix}/dL_dh/{unit}", value, step)
-            for unit, value in record.get("unit_jacobian", {}).items():
+            self._scalar(f"{prefix}/{q.LOSS.key}", record[q.LOSS.key], step)
+            for unit, value in record[q.DL_DH.key].items():
+                self._scalar(f"{prefix}/{q.DL_DH.key}/{unit}", value, step)
+            for unit, value in record.get(q.UNIT_JACOBIAN.key, {}).items():
                 self._scalar(f"{prefix}/sigma_max/{unit}", value["sigma_max"], step)
-            self.tb.add_image(f"{prefix}/log10_dL_dh_unit_by_step", gradient_map(self.records, record["bn"]), step)
+            image = gradient_map(self.records, record["bn"])
+            self.tb.add_image(f"{prefix}/log10_{q.DL_DH.key}_unit_by_step", image, step)
         self.tb.flush()
 
     def _scalar(self, tag: str, value, step: int) -> None:
@@ -338,7 +316,7 @@ def gradient_map(records: list[dict], bn: str, max_width: int = 512) -> np.ndarr
 
     rows = sorted((r for r in records if r["bn"] == bn), key=lambda r: r["step"])
     units = rows[-1]["units"] if rows else []
-    values = np.array([[float(r["dL_dh"].get(u, "nan")) for r in rows] for u in units], np.float64).reshape(
+    values = np.array([[float(r[q.DL_DH.key].get(u, "nan")) for r in rows] for u in units], np.float64).reshape(
         len(units), len(rows))
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(values)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.files import atomic_write
 
 
@@ -46,8 +47,8 @@ def _theory_line(ax, measurement, values, colour) -> bool:
     back over its shape-keeping units; False when no stage has a prediction."""
     drawn = False
     index = {u["name"]: i for i, u in enumerate(measurement["units"])}
-    for stage in measurement["summary"]["stages"]:
-        theory = stage.get("theory")
+    for stage in measurement["summary"][q.STAGES.key]:
+        theory = stage.get(q.THEORY.key)
         if not theory:
             continue
         idx = [index[name] for name in stage["units"]]
@@ -69,8 +70,9 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_norms(results: dict, path, quantity: str = "logit_jac") -> Path:
-    """Median ||d z_i / d h_i||_F (or `loss_grad`, `gradient_scale`) vs unit index, log scale;
+def plot_norms(results: dict, path, quantity: str = q.LOGIT_JAC.key) -> Path:
+    """Median ||d z_i / d h_i||_F (or another per-example quantity of the study's units:
+    `loss_grad`, `gradient_scale`; `quantities.OVER_EXAMPLES`) vs unit index, log scale;
     one panel per setting, solid = residual, dashed = plain, dash-dot = pre-activation, one
     colour per depth; dotted: the theory's per-stage rates (`logit_jac`, where predicted)."""
     plt = pyplot()
@@ -84,16 +86,14 @@ def plot_norms(results: dict, path, quantity: str = "logit_jac") -> Path:
             values = np.array([u[quantity]["median"] for u in m["units"]], np.float64)
             colour = colours[m["depth"] or 0]
             ax.semilogy(range(len(values)), values, ls=_style(m), color=colour, label=m["model"])
-            if quantity == "logit_jac":
+            if quantity == q.LOGIT_JAC.key:
                 theory |= _theory_line(ax, m, values, colour)
         ax.set_title(_label(dict(key)), fontsize=9)
         ax.set_xlabel("unit index (0 = stem input = image)")
         ax.grid(alpha=0.3, which="both")
-    ylabel = {"logit_jac": "median ||d z_i / d h_i||_F", "loss_grad": "median ||dL / d h_i||",
-              "gradient_scale": "median gradient scale coefficient"}[quantity]
-    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].set_ylabel(f"median {q.quantity(quantity).label()}")
     axes[0][-1].legend(fontsize=7, loc="best")
-    draws = {m["summary"].get("weight_draws", 1) for m in results["measurements"]}
+    draws = {m["summary"].get(q.WEIGHT_DRAWS.key, 1) for m in results["measurements"]}
     drawn = f"{draws.pop()} weight draw(s) per curve" if len(draws) == 1 else "weight draws differ"
     note = ", dotted = mean-field stage rates (whole net)" if theory else ""
     fig.suptitle(f"Solid = residual, dashed = plain, dash-dot = pre-activation{note}; {drawn}", fontsize=10)
@@ -108,10 +108,10 @@ def plot_spectra(results: dict, path) -> Path:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
     for ax, (key, measurements) in zip(axes[0], groups.items()):
         for residual, colour in ((False, "tab:red"), (True, "tab:blue")):
-            units = [u for m in measurements if m["residual"] == residual for u in m["units"]
-                     if u["jacobian"] and u["kind"] in ("shape-keeping", "transition")]
-            sig = [s for u in units for s in np.ravel(u["jacobian"]["spectral_norm"]["sigma"])]
-            rms = [np.sqrt(v) for u in units for v in np.ravel(u["jacobian"]["mean_sq_singular_value"]["estimate"])]
+            units = [u[q.JACOBIAN.key] for m in measurements if m["residual"] == residual for u in m["units"]
+                     if u[q.JACOBIAN.key] and u["kind"] in ("shape-keeping", "transition")]
+            sig = [s for u in units for s in np.ravel(u["spectral_norm"]["sigma"])]
+            rms = [np.sqrt(v) for u in units for v in np.ravel(u["mean_sq_singular_value"]["estimate"])]
             name = "residual" if residual else "plain"
             if sig:
                 ax.hist(sig, bins=20, alpha=0.5, color=colour, label=f"{name}: sigma_max")
@@ -124,10 +124,10 @@ def plot_spectra(results: dict, path) -> Path:
 
 def _spectrum_values(measurement, source: str) -> list[float]:
     if source == "unit":  # exact SVD of a unit's J (opt-in, see StudyConfig.spectrum_max_dim)
-        return [v for u in measurement["units"] if "spectrum" in u for v in u["spectrum"]["singular_values"]]
+        return [v for u in measurement["units"] if q.SPECTRUM.key in u for v in u[q.SPECTRUM.key]["singular_values"]]
     # d z_i / d h_i at the input of unit_1, each example's values over its largest
     values = []
-    for row in measurement["units"][1]["logit_jac_singular_values"]:
+    for row in measurement["units"][1][q.LOGIT_JAC_SINGULAR_VALUES.key]:
         values.extend(np.asarray(row) / max(row[0], 1e-300))
     return values
 

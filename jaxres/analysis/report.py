@@ -7,6 +7,7 @@ import math
 import platform
 from pathlib import Path
 
+from jaxres.analysis import quantities as q
 from jaxres.files import atomic_write
 
 
@@ -68,26 +69,28 @@ def _estimate(entry: dict) -> str:
 
 
 COLUMNS = (
-    # key, title, width; every number is exact unless its column says otherwise
-    ("model", "model", 22),
-    ("setting", "setting", 14),
-    ("first_last", "first/last", 10),
-    ("summed_rows", "(summed rows)", 13),
-    ("stage_rates", "stage rates", 19),
-    ("theory", "theory", 26),
-    ("transitions", "transitions", 12),
-    ("gsc", "GSC unit_1", 10),
-    ("input", "|dz/dx|", 9),
-    ("cross", "cross e2e", 9),
-    ("msv", "unit msv (95% CI if est.)", 25),
-    ("sigma", "sigma_max", 9),
-    ("corr", "grad corr", 9),
+    # key, the quantity it shows (its name is the title, its meaning the legend), width; every
+    # number is exact unless its column says otherwise
+    ("model", None, 22),
+    ("setting", None, 14),
+    ("first_last", q.FIRST_LAST_RATIO, 10),
+    ("summed_rows", q.FIRST_LAST_RATIO_SUMMED_ROWS, 13),
+    ("stage_rates", q.STAGES, 19),
+    ("theory", q.THEORY, 26),
+    ("transitions", q.TRANSITIONS, 12),
+    ("gsc", q.GRADIENT_SCALE_UNIT_1, 10),
+    ("input", q.INPUT_LOGIT_JAC, 9),
+    ("cross", q.CROSS_EXAMPLE_SHARE_UNIT_1, 9),
+    ("msv", q.UNIT_MSV, 25),
+    ("sigma", q.UNIT_SIGMA_MAX, 9),
+    ("corr", q.GRAD_CORRELATION_LAG1, 9),
 )
+TITLES = {"model": "model", "setting": "setting", "msv": f"{q.UNIT_MSV.name} (95% CI if est.)"}  # else the name
 
 
 def weight_draws(results: dict) -> int | None:
     """The weight draws every measurement's rates are averaged over (None if they differ)."""
-    draws = {m["summary"].get("weight_draws", 1) for m in results["measurements"]}
+    draws = {m["summary"].get(q.WEIGHT_DRAWS.key, 1) for m in results["measurements"]}
     return draws.pop() if len(draws) == 1 else None
 
 
@@ -97,47 +100,41 @@ def table_rows(results: dict) -> list[dict]:
     for m in results["measurements"]:
         s, summary = m["setting"], m["summary"]
         label = (f"BN-{s['bn']}" if s["norm"] == "batchnorm" else "no norm") + f" {s['activation']}"
+
+        def optional(quantity, digits=3):
+            return _g(summary[quantity.key], digits) if quantity.key in summary else "-"
+
         rows.append({
             "model": m["model"], "setting": label,
-            "first_last": _g(summary["first_last_ratio"]),
-            "summed_rows": _g(summary["first_last_ratio_summed_rows"]) if "first_last_ratio_summed_rows" in summary
-            else "-",
-            "stage_rates": _rates(summary["stages"]), "theory": _theory(summary["stages"]),
-            "transitions": _rates(summary["transitions"]),
-            "gsc": _g(summary["gradient_scale_unit_1"]), "input": _g(summary["input_logit_jac"]),
-            "cross": _g(summary["cross_example_share_unit_1"], 2) if "cross_example_share_unit_1" in summary else "-",
-            "msv": _estimate(summary["unit_msv"]), "sigma": _g(summary["unit_sigma_max"]["median"]),
-            "corr": _g(summary["grad_correlation_lag1"], 2),
+            "first_last": _g(summary[q.FIRST_LAST_RATIO.key]),
+            "summed_rows": optional(q.FIRST_LAST_RATIO_SUMMED_ROWS),
+            "stage_rates": _rates(summary[q.STAGES.key]), "theory": _theory(summary[q.STAGES.key]),
+            "transitions": _rates(summary[q.TRANSITIONS.key]),
+            "gsc": _g(summary[q.GRADIENT_SCALE_UNIT_1.key]), "input": _g(summary[q.INPUT_LOGIT_JAC.key]),
+            "cross": optional(q.CROSS_EXAMPLE_SHARE_UNIT_1, 2),
+            "msv": _estimate(summary[q.UNIT_MSV.key]), "sigma": _g(summary[q.UNIT_SIGMA_MAX.key]["median"]),
+            "corr": _g(summary[q.GRAD_CORRELATION_LAG1.key], 2),
         })
     return rows
 
 
 def table_legend(results: dict) -> str:
-    """What the columns are, and which numbers are estimates (from the methods recorded)."""
-    methods = sorted({m["summary"]["unit_msv"]["method"] for m in results["measurements"]})
-    return (
-        "first/last: median over examples of ||d z_i/d h_i|| (per-example block) at unit_1's input over the "
-        "head's input (> 1: gradients grow towards the input); (summed rows): the same from "
-        "||sum_j d z_j/d h_i|| (bn=batch); stage rates: per-stage geometric mean over shape-keeping units of "
-        "||dz/dh_l|| / ||dz/dh_l+1||, of one weight draw (the study's seed; single draws of these 16-64-channel nets "
-        "scatter by 5-11 % per stage); theory: the mean-field stage rate of the whole net (jaxres.analysis.theory."
-        "predict_net_rates: borders, stem, head, BN's border pattern and head batch term, post-activation masks "
-        "followed along the identity) +- its relative tolerance, which is for means over >= 4 weight draws "
-        "(jaxres experiment theory; - where no theory covers the case); transitions: the same across each "
-        "stage-opening unit; GSC unit_1: gradient scale coefficient ||dz/dh||_qm ||h|| / ||z|| (Philipp et al. "
-        "2018); |dz/dx|: at the image; cross e2e: share of ||dz/dh_1||_F^2 outside the per-example blocks "
-        "(bn=batch); unit msv: median over sampled units of the per-example (block) mean squared singular "
-        f"value ({', '.join(methods)}; an interval marks estimates); sigma_max: median Lanczos sigma_max "
-        "(to its tolerance); grad corr: correlation of neighbouring inputs' gradients. All other numbers exact."
-    )
+    """What the columns are (each column's quantity: `quantities`), and which numbers are
+    estimates (from the methods recorded)."""
+    methods = sorted({m["summary"][q.UNIT_MSV.key]["method"] for m in results["measurements"]})
+    described = {q.UNIT_MSV.key: f" ({', '.join(methods)}; an interval marks estimates)"}
+    items = [f"{quantity.name}: {quantity.meaning}{described.get(quantity.key, '')}"
+             for _, quantity, _ in COLUMNS if quantity is not None]
+    return "; ".join(items) + ". All other numbers exact."
 
 
 def format_table(results: dict) -> str:
     """The study as an aligned text table (columns: `table_legend`); the stage-rate column
     says how many weight draws its rates are averaged over."""
     draws = weight_draws(results)
-    titles = {"stage_rates": "stage rates" + ("" if draws is None else f", {draws} draw{'s' if draws > 1 else ''}")}
-    header = " ".join(f"{titles.get(key, title):<{width}}" for key, title, width in COLUMNS).rstrip()
+    titles = {**TITLES,
+              "stage_rates": q.STAGES.name + ("" if draws is None else f", {draws} draw{'s' if draws > 1 else ''}")}
+    header = " ".join(f"{titles.get(key) or quantity.name:<{width}}" for key, quantity, width in COLUMNS).rstrip()
     lines = [header, "-" * len(header)]
     for row in table_rows(results):
         lines.append(" ".join(f"{row[key]:<{width}}" for key, _, width in COLUMNS).rstrip())

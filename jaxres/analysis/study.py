@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.analysis.endtoend import end_to_end
 from jaxres.analysis.segments import SegmentCache, identity_unit
 from jaxres.analysis.shattered import arc_inputs, gradient_correlations
@@ -54,8 +55,9 @@ def _no_progress(description: str, done: int, new_steps: int) -> None:
 
 @dataclasses.dataclass
 class Measurement:
-    """One model in one setting: per-unit numbers (JSON-ready dicts, see README), the
-    shattered-gradient correlations, the summary (`summary.summarize`) and the seconds spent."""
+    """One model in one setting: per-unit numbers (JSON-ready dicts: `quantities.UNIT_FIELDS`,
+    then the `quantities.STUDY_UNIT` entries, each defined there), the shattered-gradient
+    correlations, the summary (`summary.summarize`: `quantities.SUMMARY`) and the seconds spent."""
 
     model: str
     family: str
@@ -98,12 +100,6 @@ class _ModelPass:
     activations: list
 
 
-def _quantiles(values) -> dict:
-    v = np.asarray(values, np.float64).ravel()
-    return {"median": float(np.median(v)), "mean": float(v.mean()), "q10": float(np.quantile(v, 0.1)),
-            "q90": float(np.quantile(v, 0.9)), "per_example": v.tolist(), "method": "exact"}
-
-
 def study_inputs(config: StudyConfig, input_shape=(32, 32, 3), num_classes: int = 10):
     """The fixed synthetic batch: arc images (N, H, W, C), float32 (float64 with
     `config.float64`), and random labels (N,)."""
@@ -141,27 +137,27 @@ def calibrate_batch_stats(model, variables, x) -> dict:
 
 
 def _unit_entries(e2e, segments, places) -> list[dict]:
+    """Each unit's entry: what it is (`quantities.UNIT_FIELDS`), then the `quantities.STUDY_UNIT`
+    it measures (`jacobian` still None)."""
+    per_example = (q.LOGIT_JAC, q.GRADIENT_SCALE, q.LOSS_GRAD)
     units = []
     for index, (seg, place) in enumerate(zip(segments, places)):
         entry = e2e.units[seg.name]
         inp = entry["input"]
-        unit = {"name": seg.name, "kind": place.kind, "stage": place.stage,
-                "in_shape": list(seg.in_shape), "out_shape": list(seg.out_shape),
-                "logit_jac": _quantiles(inp["logit_jac"]),
-                "gradient_scale": _quantiles(inp["gradient_scale"]),
-                "loss_grad": _quantiles(inp["loss_grad"]),
-                "logit_jac_singular_values": inp["singular_values"].astype(np.float32).tolist()}
-        if "logit_jac_summed_rows" in inp and "cross_example_share" in inp:
-            unit["logit_jac_summed_rows"] = _quantiles(inp["logit_jac_summed_rows"])
-            unit["cross_example_share"] = {"estimate": inp["cross_example_share"], "method": "exact"}
-            unit["logit_jac_singular_values_summed_rows"] = inp["singular_values_summed_rows"].astype(
-                np.float32).tolist()
-        unit["probes"] = {p: {k: _quantiles(v) for k, v in q.items() if k != "cross_example_share"}
-                          for p, q in entry["probes"].items()}
-        unit["forward_std"] = entry["forward"]
-        unit["param_grad"] = entry["param_grad"]
-        unit["identity_shortcut"] = identity_unit(e2e.activations[index + 1], e2e.pre_activations[index])
-        unit["jacobian"] = None
+        unit = dict(zip(q.UNIT_FIELDS, (seg.name, place.kind, place.stage, list(seg.in_shape), list(seg.out_shape))))
+        unit.update({k.key: q.over_examples(inp[k.source]) for k in per_example})
+        unit[q.LOGIT_JAC_SINGULAR_VALUES.key] = inp[q.LOGIT_JAC_SINGULAR_VALUES.source].astype(np.float32).tolist()
+        if q.LOGIT_JAC_SUMMED_ROWS.source in inp and q.CROSS_EXAMPLE_SHARE.source in inp:
+            unit[q.LOGIT_JAC_SUMMED_ROWS.key] = q.over_examples(inp[q.LOGIT_JAC_SUMMED_ROWS.source])
+            unit[q.CROSS_EXAMPLE_SHARE.key] = {"estimate": inp[q.CROSS_EXAMPLE_SHARE.source], "method": "exact"}
+            unit[q.LOGIT_JAC_SINGULAR_VALUES_SUMMED_ROWS.key] = inp[
+                q.LOGIT_JAC_SINGULAR_VALUES_SUMMED_ROWS.source].astype(np.float32).tolist()
+        unit[q.PROBES.key] = {p: {k: q.over_examples(v) for k, v in measured.items() if k != q.CROSS_EXAMPLE_SHARE.key}
+                              for p, measured in entry[q.PROBES.source].items()}
+        unit[q.FORWARD_STD.key] = entry[q.FORWARD_STD.source]
+        unit[q.PARAM_GRAD.key] = entry[q.PARAM_GRAD.source]
+        unit[q.IDENTITY_SHORTCUT.key] = identity_unit(e2e.activations[index + 1], e2e.pre_activations[index])
+        unit[q.JACOBIAN.key] = None
         units.append(unit)
     return units
 
@@ -197,7 +193,7 @@ def _model_pass(study_model: StudyModel, setting: Setting, config: StudyConfig, 
         shattered["correlation_by_lag_summed_rows"] = gradient_correlations(e2e.input_grads_summed_rows).tolist()
     measurement = Measurement(
         model=study_model.name, family=study_model.family, depth=study_model.depth, setting=setting,
-        residual=any(u["identity_shortcut"] for u in units), units=units, loss=e2e.loss, shattered=shattered,
+        residual=any(u[q.IDENTITY_SHORTCUT.key] for u in units), units=units, loss=e2e.loss, shattered=shattered,
         bn_statistics=bn_statistics, seconds=time.perf_counter() - start)
     return _ModelPass(measurement, segments, e2e.activations)
 
@@ -247,17 +243,17 @@ def _measure_setting(setting, config, variables_for, on_progress) -> list[Measur
                     f"{first_pass.segments[first_index].name}-like", 0, 0)
         start = time.perf_counter()
         measured = measure_group([(p.segments[i], p.activations[i]) for p, i in members],
-                                 [p.measurement.units[i]["identity_shortcut"] for p, i in members],
+                                 [p.measurement.units[i][q.IDENTITY_SHORTCUT.key] for p, i in members],
                                  setting.bn, options, config.seed + g)
         share = (time.perf_counter() - start) / len(members)
         for (p, i), result in zip(members, measured):
-            p.measurement.units[i]["jacobian"] = result
+            p.measurement.units[i][q.JACOBIAN.key] = result
             p.measurement.seconds += share
         on_progress("", 1, 0)
     for p, i in spectra:
         on_progress(f"[{setting.label}] exact spectrum {p.measurement.model} {p.segments[i].name}", 0, 0)
         start = time.perf_counter()
-        p.measurement.units[i]["spectrum"] = exact_spectrum(p.segments[i], p.activations[i], setting.bn)
+        p.measurement.units[i][q.SPECTRUM.key] = exact_spectrum(p.segments[i], p.activations[i], setting.bn)
         p.measurement.seconds += time.perf_counter() - start
         on_progress("", 1, 0)
     for p in passes:

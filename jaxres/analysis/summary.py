@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.analysis import theory
 from jaxres.analysis.stages import UnitPlace, stage_rates
 
@@ -43,7 +44,7 @@ def _cifar_layout(units: list[dict]) -> bool:
     blocks (two weight layers each), a pool head."""
     stem, inner = units[0], units[1:-1]
     return (stem["in_shape"][1] == stem["out_shape"][1] and bool(inner)
-            and all(len(u["probes"]) == 2 for u in inner) and len(units[-1]["out_shape"]) == 2)
+            and all(len(u[q.PROBES.key]) == 2 for u in inner) and len(units[-1]["out_shape"]) == 2)
 
 
 def predicted_rates(measurement, rates: dict) -> None:
@@ -60,9 +61,9 @@ def predicted_rates(measurement, rates: dict) -> None:
     calibrated or trained ones, which no mean-field theory here describes."""
     setting = measurement.setting
     units = measurement.units
-    entries = [(s, "stage") for s in rates["stages"]] + [(t, "transition") for t in rates["transitions"]]
+    entries = [(s, "stage") for s in rates[q.STAGES.key]] + [(t, "transition") for t in rates[q.TRANSITIONS.key]]
     for entry, _ in entries:
-        entry["theory"] = None
+        entry[q.THEORY.key] = None
     if setting.norm == "batchnorm" and setting.bn == "eval":
         return
     preactivation = "preact" in measurement.family
@@ -82,7 +83,7 @@ def predicted_rates(measurement, rates: dict) -> None:
         first = by_name[(entry["units"] if kind == "stage" else [entry["unit"]])[0]]
         n, side, _, channels = first["out_shape"]
         question = dict(norm=setting.norm, activation=setting.activation, residual=measurement.residual,
-                        bn=setting.bn, layers_per_unit=max(len(first["probes"]), 1),
+                        bn=setting.bn, layers_per_unit=max(len(first[q.PROBES.key]), 1),
                         effective_batch=n * side * side if setting.norm == "batchnorm" else None, spatial=side)
         if kind == "stage":
             question["preactivation"] = preactivation
@@ -99,7 +100,7 @@ def predicted_rates(measurement, rates: dict) -> None:
 def _attach(entry: dict, predicted: dict) -> None:
     measured = entry["rate"]
     accepts = math.isfinite(measured) and abs(measured / predicted["rate"] - 1) <= predicted["tolerance"]
-    entry["theory"] = {**predicted, "accepts": bool(accepts), "weight_draws": WEIGHT_DRAWS}
+    entry[q.THEORY.key] = {**predicted, "accepts": bool(accepts), q.WEIGHT_DRAWS.key: WEIGHT_DRAWS}
 
 
 def _unit_value(values) -> float:
@@ -111,7 +112,7 @@ def unit_msv(units: list[dict]) -> dict:
     """Median over the measured units of the mean squared singular value of their (per-example)
     Jacobians; for estimates also `ci`: [median of the units' 95% lower bounds, median of the
     upper bounds], which holds the true median whenever every unit's interval holds its value."""
-    measured = [u["jacobian"]["mean_sq_singular_value"] for u in units if u["jacobian"]]
+    measured = [u[q.JACOBIAN.key]["mean_sq_singular_value"] for u in units if u[q.JACOBIAN.key]]
     if not measured:
         return {"median": float("nan"), "method": "not measured"}
     methods = sorted({m["method"] for m in measured})
@@ -125,7 +126,7 @@ def unit_msv(units: list[dict]) -> dict:
 
 
 def unit_sigma_max(units: list[dict]) -> dict:
-    measured = [u["jacobian"]["spectral_norm"] for u in units if u["jacobian"]]
+    measured = [u[q.JACOBIAN.key]["spectral_norm"] for u in units if u[q.JACOBIAN.key]]
     if not measured:
         return {"median": float("nan"), "method": "not measured"}
     return {"median": float(np.median([_unit_value(s["sigma"]) for s in measured])),
@@ -141,7 +142,8 @@ def _ratio(units, key: str) -> float:
 
 
 def summarize(measurement) -> dict:
-    """Headline numbers of one measurement (exact unless a `method` says otherwise):
+    """Headline numbers of one measurement, `quantities.SUMMARY` (each defined there; exact
+    unless a `method` says otherwise):
 
     - `first_last_ratio`: median over examples of ||d z_i/d h_i|| at unit_1's input over that
       at the head's input (> 1: gradients grow towards the input); with bn="batch" also
@@ -158,23 +160,23 @@ def summarize(measurement) -> dict:
     """
     units = measurement.units
     places = [UnitPlace(u["name"], u["kind"], u["stage"]) for u in units]
-    rates = stage_rates(places, [u["logit_jac"]["per_example"] for u in units])
+    rates = stage_rates(places, [u[q.LOGIT_JAC.key]["per_example"] for u in units])
     predicted_rates(measurement, rates)
     corr = measurement.shattered["correlation_by_lag"]
     out = {
-        "first_last_ratio": _ratio(units, "logit_jac"),
-        "stages": rates["stages"],
-        "transitions": rates["transitions"],
-        "weight_draws": WEIGHT_DRAWS,
-        "input_logit_jac": units[0]["logit_jac"]["median"],
-        "gradient_scale_unit_1": units[1]["gradient_scale"]["median"],
-        "unit_msv": unit_msv(units),
-        "unit_sigma_max": unit_sigma_max(units),
-        "grad_correlation_lag1": float(corr[0]) if len(corr) else float("nan"),
+        q.FIRST_LAST_RATIO.key: _ratio(units, q.LOGIT_JAC.key),
+        q.STAGES.key: rates[q.STAGES.key],
+        q.TRANSITIONS.key: rates[q.TRANSITIONS.key],
+        q.WEIGHT_DRAWS.key: WEIGHT_DRAWS,
+        q.INPUT_LOGIT_JAC.key: units[0][q.LOGIT_JAC.key]["median"],
+        q.GRADIENT_SCALE_UNIT_1.key: units[1][q.GRADIENT_SCALE.key]["median"],
+        q.UNIT_MSV.key: unit_msv(units),
+        q.UNIT_SIGMA_MAX.key: unit_sigma_max(units),
+        q.GRAD_CORRELATION_LAG1.key: float(corr[0]) if len(corr) else float("nan"),
     }
-    if "logit_jac_summed_rows" in units[1]:
-        out["first_last_ratio_summed_rows"] = _ratio(units, "logit_jac_summed_rows")
-        out["cross_example_share_unit_1"] = units[1]["cross_example_share"]["estimate"]
+    if q.LOGIT_JAC_SUMMED_ROWS.key in units[1]:
+        out[q.FIRST_LAST_RATIO_SUMMED_ROWS.key] = _ratio(units, q.LOGIT_JAC_SUMMED_ROWS.key)
+        out[q.CROSS_EXAMPLE_SHARE_UNIT_1.key] = units[1][q.CROSS_EXAMPLE_SHARE.key]["estimate"]
         summed = measurement.shattered.get("correlation_by_lag_summed_rows", [])
-        out["grad_correlation_lag1_summed_rows"] = float(summed[0]) if len(summed) else float("nan")
+        out[q.GRAD_CORRELATION_LAG1_SUMMED_ROWS.key] = float(summed[0]) if len(summed) else float("nan")
     return out

@@ -48,6 +48,7 @@ class Progress:
 
 def run(args) -> int:
     from jaxres.analysis import plots, report, study
+    from jaxres.analysis import quantities as q
     from jaxres.analysis.restore import study_settings
     from jaxres.files import write_text_atomic
 
@@ -80,9 +81,9 @@ def run(args) -> int:
     payload = results.to_json()
     table = report.format_table(payload)
     report.write_results(payload, out / "results.json")
-    plots.plot_norms(payload, out / "norms.png", "logit_jac")
-    plots.plot_norms(payload, out / "loss_grads.png", "loss_grad")
-    plots.plot_norms(payload, out / "gradient_scale.png", "gradient_scale")
+    for name, quantity in (("norms.png", q.LOGIT_JAC), ("loss_grads.png", q.LOSS_GRAD),
+                           ("gradient_scale.png", q.GRADIENT_SCALE)):
+        plots.plot_norms(payload, out / name, quantity.key)
     plots.plot_spectra(payload, out / "spectra.png")
     exact = plots.plot_exact_spectra(payload, out / "singular_values.png")
     units = plots.plot_exact_spectra(payload, out / "unit_spectra.png", source="unit")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.analysis.plots import pyplot, save_figure
 from jaxres.experiments import degradation_results as dr
 from jaxres.files import write_text_atomic
@@ -118,11 +119,11 @@ def plot_conditions(runs: list[dr.Run], path) -> Path:
 def gradient_matrix(run: dr.Run) -> tuple[list[str], list[int], np.ndarray]:
     """(units, steps, log10 ||dL/dh||) of a run: units x steps, NaN where not finite."""
     records = run.analysis
-    units = records[-1]["units"] if records else []
-    values = np.array([[dr.number((r.get("dL_dh") or {}).get(u)) for r in records] for u in units], np.float64)
+    units = records[-1].units if records else []
+    values = np.array([[dr.number((r.dL_dh or {}).get(u)) for r in records] for u in units], np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(values.reshape(len(units), len(records)))
-    return units, [r["step"] for r in records], np.where(np.isfinite(logs), logs, np.nan)
+    return units, [r.step for r in records], np.where(np.isfinite(logs), logs, np.nan)
 
 
 def _first_seeds(runs: list[dr.Run]) -> list[dr.Run]:
@@ -156,7 +157,7 @@ def plot_gradient_heatmaps(runs: list[dr.Run], path) -> Path:
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="log10 ||dL/dh|| at the unit input")
+        fig.colorbar(image, ax=axes, shrink=0.8, label=f"log10 {q.DL_DH.symbol} at the unit input")
     return save_figure(fig, path)
 
 
@@ -172,7 +173,7 @@ def plot_gradient_ratio(runs: list[dr.Run], path) -> Path:
             per_step: dict[int, list[float]] = {}
             for run in group:
                 for record in run.analysis:
-                    per_step.setdefault(record["step"], []).append(dr.ratios(record)[key])
+                    per_step.setdefault(record.step, []).append(dr.ratios(record)[key])
             steps = [s for s in sorted(per_step) if any(v > 0 for v in per_step[s])]
             if not steps:
                 continue
@@ -206,14 +207,14 @@ def plot_kernel_steps(runs: list[dr.Run], path) -> Path:
         if not run.analysis:
             continue
         style = {"marker": ".", "color": colour, "ls": "-" if run.residual else "--",
-                 "label": f"{run.condition}/{run.model} (step {run.analysis[-1]['step']})"}
-        rel = [dr.number(v) for v in (run.analysis[-1].get("dL_dW_rel") or {}).values()]
+                 "label": f"{run.condition}/{run.model} (step {run.analysis[-1].step})"}
+        rel = [dr.number(v) for v in (run.analysis[-1].dL_dW_rel or {}).values()]
         axes[0].semilogy(np.arange(1, len(rel) + 1), rel, **style)
-        start = [r for r in run.analysis if r["step"] == 0]
+        start = [r for r in run.analysis if r.step == 0]
         if start:
             growth = list(dr.kernel_norm_growth(start[0], run.analysis[-1]).values())
             axes[1].semilogy(np.arange(1, len(growth) + 1), growth, **style)
-    axes[0].set_ylabel("||dL/dW|| / ||W||, probe batch")
+    axes[0].set_ylabel(f"{q.DL_DW_REL.symbol}, probe batch")
     axes[1].set_ylabel("||W|| / ||W|| at step 0")
     axes[1].set_xlabel("kernel (forward order: stem, units, head)")
     for ax in axes:
@@ -235,7 +236,7 @@ def plot_response_std(runs: list[dr.Run], path) -> Path:
     for colour, run in zip(colours, shown):
         if not run.analysis:
             continue
-        stds = np.array([dr.number(v) for v in (run.analysis[-1].get("response_std") or {}).values()])
+        stds = np.array([dr.number(v) for v in (run.analysis[-1].response_std or {}).values()])
         ranked = np.sort(stds[np.isfinite(stds)])[::-1]  # a non-finite std leaves a gap in forward order
         style = {"color": colour, "ls": "-" if run.residual else "--", "label": f"{run.condition}/{run.model}"}
         axes[0].plot(np.arange(1, len(stds) + 1), stds, marker=".", **style)

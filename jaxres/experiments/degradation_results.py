@@ -4,7 +4,7 @@ Reads every run directory `OUT/runs/<condition>/<model>/seed<k>`: `metrics.jsonl
 lines: the logging window's mean minibatch accuracy, train mode, each batch scored before its
 update; `train_eval` lines: eval-mode accuracy on the fixed training subset; eval lines:
 accuracy on the whole test split), `analysis.jsonl` (the gradient monitor's records,
-`jaxres.analysis.monitor`), `config.json`, and `OUT/runs/wall_time.jsonl` (one line per
+`jaxres.analysis.quantities.MonitorRecord`), `config.json`, and `OUT/runs/wall_time.jsonl` (one line per
 `train_and_evaluate` invocation of a run, or its divergence). A resumed run repeats steps in
 these files: the later line for a (step, split) or (step, bn) counts. Non-finite values (null,
 "nan", "inf") are skipped and written as null in results.json.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxres.analysis import quantities as q
 from jaxres.analysis.monitor import read_analysis
 from jaxres.experiments.intervals import Interval, geometric_mean, paired_difference, t_interval, verdict
 from jaxres.files import read_jsonl
@@ -42,10 +43,10 @@ ERRORS = {  # key -> (metrics.jsonl split, what it is)
                               "statistics, each batch scored before its update)"),
     "test_error": ("eval", "error on all 10,000 test images (eval mode), at the last evaluation"),
 }
-RATIOS = {
-    "unit1_head": f"||dL/dh|| at the input of {FIRST_UNIT} over that at the input of {LAST_UNIT}",
-    "min_head": f"the smallest ||dL/dh|| over the inner units' inputs ({FIRST_UNIT} .. the last unit) over that at "
-                f"the input of {LAST_UNIT}",
+RATIOS = {  # of the monitor's dL_dh (quantities.DL_DH)
+    "unit1_head": f"{q.DL_DH.symbol} at the input of {FIRST_UNIT} over that at the input of {LAST_UNIT}",
+    "min_head": f"the smallest {q.DL_DH.symbol} over the inner units' inputs ({FIRST_UNIT} .. the last unit) over "
+                f"that at the input of {LAST_UNIT}",
 }
 WALL_TIME_SOURCE = (f"sum over the run's invocations: train_and_evaluate's wall_time_s where runs/{WALL_TIME_FILE} "
                     f"records it (setup, compilation, training, evaluation, analysis and checkpoints), else, for an "
@@ -65,6 +66,12 @@ def number(value) -> float:
 def latest(records: list[dict], field: str, value: str) -> list[dict]:
     """The records with `record[field] == value`, one per step (the last written), by step."""
     by_step = {r["step"]: r for r in records if r.get(field) == value and isinstance(r.get("step"), int)}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def latest_records(records: list[q.MonitorRecord], bn: str) -> list[q.MonitorRecord]:
+    """The monitor's records of policy `bn`, one per step (the last written), by step."""
+    by_step = {r.step: r for r in records if r.bn == bn and isinstance(r.step, int)}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -136,7 +143,7 @@ class Run:
     seed: int
     num_steps: int | None
     curves: dict  # error key -> [(step, error)]
-    analysis: list  # the monitor's records of policy `bn`, one per step
+    analysis: list[q.MonitorRecord]  # the monitor's records of policy `bn`, one per step
     bn: str | None
     analysis_time_s: float
     final_window: float = math.nan  # window_error over the last logging window
@@ -175,8 +182,8 @@ def load_run(workdir, condition: str, model: str, seed: int) -> Run:
     workdir = Workdir(workdir)
     every_record = read_jsonl(workdir.metrics_path)
     metrics = current_attempt(every_record)
-    analysis = read_analysis(workdir.path)
-    bns = [r.get("bn") for r in analysis]
+    analysis = [q.MonitorRecord.from_json(r) for r in read_analysis(workdir.path)]
+    bns = [r.bn for r in analysis]
     bn = ANALYSIS_BN if ANALYSIS_BN in bns or not bns else bns[0]
     config = json.loads(workdir.config_path.read_text()) if workdir.config_path.is_file() else {}
     curves = {key: [(r["step"], 1 - number(r.get("accuracy"))) for r in latest(metrics, "split", split)]
@@ -184,10 +191,10 @@ def load_run(workdir, condition: str, model: str, seed: int) -> Run:
     train_lines = latest(metrics, "split", "train")
     last = train_lines[-1] if train_lines else {"step": 0}
     final_window = window_error(train_lines, last["step"], config.get("log_every_steps") or last.get("steps") or 1)
-    return Run(condition, model, seed, config.get("num_steps"), curves, latest(analysis, "bn", bn),
+    return Run(condition, model, seed, config.get("num_steps"), curves, latest_records(analysis, bn),
                bn if analysis else None,
                # time the gradient monitor took (every policy measured), first measurement's compile included
-               sum(number(r.get("time_s")) for b in set(bns) for r in latest(analysis, "bn", b)),
+               sum(number(r.time_s) for b in set(bns) for r in latest_records(analysis, b)),
                final_window=final_window, attempts=attempt_spans(every_record))
 
 
@@ -212,33 +219,33 @@ def collect_runs(out_dir) -> list[Run]:
     return sorted(runs, key=lambda r: (r.condition != BASELINE, r.condition, r.residual, r.depth, r.seed))
 
 
-def ratios(record: dict) -> dict[str, float]:
+def ratios(record: q.MonitorRecord) -> dict[str, float]:
     """The RATIOS of one monitor record (NaN where a gradient is missing or not finite)."""
-    grads = record.get("dL_dh") or {}
+    grads = record.dL_dh or {}
     head = number(grads.get(LAST_UNIT))
-    inner = [number(grads.get(u)) for u in record.get("units", []) if u.startswith("unit_")]
+    inner = [number(grads.get(u)) for u in record.units or [] if u.startswith("unit_")]
     if not head > 0:
         return dict.fromkeys(RATIOS, math.nan)
     smallest = min(inner) if inner and all(math.isfinite(v) for v in inner) else math.nan
     return {"unit1_head": number(grads.get(FIRST_UNIT)) / head, "min_head": smallest / head}
 
 
-def kernel_step_spread(record: dict) -> float:
+def kernel_step_spread(record: q.MonitorRecord) -> float:
     """min over kernels of ||dL/dW|| / ||W||, over its median: how far the least-moved layer's
     gradient (relative to its weights) lies below the typical layer's."""
-    rel = np.array([number(v) for v in (record.get("dL_dW_rel") or {}).values()])
+    rel = np.array([number(v) for v in (record.dL_dW_rel or {}).values()])
     rel = rel[np.isfinite(rel)]
     return float(rel.min() / np.median(rel)) if rel.size and np.median(rel) > 0 else math.nan
 
 
-def kernel_norms(record: dict) -> dict[str, float]:
+def kernel_norms(record: q.MonitorRecord) -> dict[str, float]:
     """{kernel: ||W||} of one monitor record, from its ||dL/dW|| and ||dL/dW|| / ||W|| (NaN where
     either is missing or the gradient is 0)."""
-    grads, rel = record.get("dL_dW") or {}, record.get("dL_dW_rel") or {}
+    grads, rel = record.dL_dW or {}, record.dL_dW_rel or {}
     return {k: number(grads.get(k)) / number(rel[k]) if number(rel[k]) > 0 else math.nan for k in rel}
 
 
-def kernel_norm_growth(first: dict, last: dict) -> dict[str, float]:
+def kernel_norm_growth(first: q.MonitorRecord, last: q.MonitorRecord) -> dict[str, float]:
     """{kernel: ||W|| at `last` over ||W|| at `first`}: under BatchNorm the loss does not change when
     a kernel is scaled, so its effective learning rate falls as 1 / ||W||^2 while its norm grows."""
     before, after = kernel_norms(first), kernel_norms(last)
@@ -252,8 +259,8 @@ def run_row(run: Run) -> dict:
            "finished": run.finished, "diverged": run.diverged}
     row.update({key: run.final(key) for key in ERRORS})
     records = run.analysis
-    start = [r for r in records if r["step"] == 0]
-    early = [r for r in records if 0 < r["step"] <= EARLY_END]
+    start = [r for r in records if r.step == 0]
+    early = [r for r in records if 0 < r.step <= EARLY_END]
     for key in RATIOS:
         row[f"{key}_start"] = ratios(start[0])[key] if start else math.nan
         values = [ratios(r)[key] for r in early]
@@ -264,7 +271,7 @@ def run_row(run: Run) -> dict:
     growth = growth[np.isfinite(growth)]
     row["kernel_norm_growth_max"] = float(growth.max()) if growth.size else math.nan
     row["log10_kernel_norm_growth"] = math.log10(row["kernel_norm_growth_max"]) if growth.size else math.nan
-    row["end_step"] = records[-1]["step"] if records else None
+    row["end_step"] = records[-1].step if records else None
     row["wall_time_s"] = run.wall_time_s
     row["analysis_time_s"] = run.analysis_time_s
     return row
@@ -358,7 +365,7 @@ def collect(out_dir) -> tuple[dict, list[Run]]:
         "analysis_bn": ANALYSIS_BN,
         "errors": {key: what for key, (_, what) in ERRORS.items()},
         "ratios": dict(RATIOS, early_min=f"the minimum over the measurements at steps 1-{EARLY_END}",
-                       kernel_step_spread_end="min over kernels of ||dL/dW|| / ||W|| over its median, at the end",
+                       kernel_step_spread_end=f"min over kernels of {q.DL_DW_REL.symbol} over its median, at the end",
                        kernel_norm_growth_max="max over kernels of ||W|| at the end over ||W|| at step 0"),
         "intervals": "mean over finished seeds and its 95 % Student-t interval; differences paired by seed",
         "wall_time_source": WALL_TIME_SOURCE,
