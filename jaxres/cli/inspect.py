@@ -280,15 +280,15 @@ def format_table(analysis: str, result: dict) -> str:
                 continue
             entry = result[name]
             lines.append(f"{name}: log10 sigma quantiles q10 / q50 / q90 (SLQ estimate [95% bootstrap over probes]); "
-                         f"mean sigma^2 [95% t over probes]")
+                         f"mean sigma^2 [95% t over probes]; isometry (1 = all sigma equal) [bootstrap]")
             rows = [(f"d logits/d h({u})", r) for u, r in entry["logits"].items()]
             rows += [(f"own J of {u}", r) for u, r in entry["own"].items()]
             rows.append((f"features {entry['features']['from']}..{entry['features']['to']}", entry["features"]))
             for label, r in rows:
                 q = r["log10_sigma_quantiles"]
                 lines.append(f"  {label:<28} {_interval(q['q10'])} / {_interval(q['q50'])} / {_interval(q['q90'])}; "
-                             f"mean sigma^2 {_interval(r['mean_sq_singular_value'])}; null "
-                             f"{100 * r['null_share']['estimate']:.1f}%")
+                             f"mean sigma^2 {_interval(r['mean_sq_singular_value'])}; isometry m1^2/m2 "
+                             f"{_interval(r['isometry'])}; null {100 * r['null_share']['estimate']:.1f}%")
     return "\n".join(lines)
 
 

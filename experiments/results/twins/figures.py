@@ -1,0 +1,235 @@
+"""Figures and tables of the trained twins from the JSON files `jaxres inspect` wrote here.
+
+    python experiments/results/twins/figures.py   # reads */{lesion,landscape,sharpness,spectrum}.json
+
+Writes lesion.png, landscape.png, sharpness.png, spectrum.png and tables.md next to this file,
+for every net directory present (a net whose analysis is missing is left out of that figure).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+NETS = ["cifar_plain20", "cifar_resnet20", "cifar_plain56", "cifar_resnet56"]
+COLOURS = {"cifar_plain20": "tab:orange", "cifar_resnet20": "tab:blue", "cifar_plain56": "tab:red",
+           "cifar_resnet56": "tab:purple"}
+
+
+def load(analysis: str) -> dict:
+    found = {}
+    for net in NETS:
+        path = HERE / net / f"{analysis}.json"
+        if path.exists():
+            found[net] = json.loads(path.read_text())
+    return found
+
+
+def pct(entry: dict) -> str:
+    if "ci_low" not in entry:
+        return f"{100 * entry['estimate']:.1f}"
+    return f"{100 * entry['estimate']:.1f} [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}]"
+
+
+def lesion_figure(results: dict, controls: dict, lines: list) -> None:
+    """`controls`: the same lesions with BatchNorm on batch statistics (dashed), where present."""
+    if not results:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    lines += ["## Lesions", "", "Test error, % (exact on the images; [95% Wilson interval]; random sets: mean "
+              "[95% t interval over the draws]).", "",
+              "| net | images | intact | one unit removed: best / median / worst | k = 1 | k = 3 | k = 5 | k = max |",
+              "|---|---|---|---|---|---|---|---|"]
+    rows = [(net, r, "eval") for net, r in results.items()] + [(net, r, "batch") for net, r in controls.items()]
+    for net, r, bn in rows:
+        style = "o-" if bn == "eval" else "s--"
+        errors = np.array([r["single"][u]["estimate"] for u in r["units"]])
+        positions = np.arange(1, len(errors) + 1)
+        label = net if bn == "eval" else f"{net}, BN batch statistics"
+        ax1.plot(positions, 100 * errors, style, ms=3, color=COLOURS[net], label=label)
+        if bn == "eval":
+            ax1.axhline(100 * r["baseline"]["estimate"], color=COLOURS[net], ls=":", lw=1)
+        ks = [e["k"] for e in r["random"]]
+        est = np.array([e["estimate"] for e in r["random"]])
+        low = np.array([e.get("ci_low", e["estimate"]) for e in r["random"]])
+        high = np.array([e.get("ci_high", e["estimate"]) for e in r["random"]])
+        ax2.errorbar(ks, 100 * est, yerr=100 * np.stack([est - low, high - est]), fmt=style, ms=3, capsize=2,
+                     color=COLOURS[net], label=label)
+        single = sorted(r["single"].values(), key=lambda e: e["estimate"])
+        by_k = {e["k"]: e for e in r["random"]}
+        lines.append(f"| {net}{'' if bn == 'eval' else ' (BN batch)'} | {r['num_images']} | {pct(r['baseline'])} | {pct(single[0])} / "
+                     f"{pct(single[len(single) // 2])} / {pct(single[-1])} | "
+                     + " | ".join(pct(by_k[k]) if k in by_k else "-" for k in (1, 3, 5)) + f" | "
+                     f"{pct(r['random'][-1])} (k={r['random'][-1]['k']}) |")
+    ax1.set(xlabel="shape-keeping unit removed (forward order)", ylabel="test error, %",
+            title="one unit removed (dotted: intact net)")
+    ax2.set(xlabel="k units removed at random", ylabel="test error, %", title="k random units (95% t over draws)")
+    for ax in (ax1, ax2):
+        ax.axhline(90, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "lesion.png", dpi=110)
+    plt.close(fig)
+    lines.append("")
+
+
+def landscape_figure(results: dict, controls: dict, lines: list) -> None:
+    """One row of contours per BatchNorm policy (eval: `results`; batch: `controls`), one colour
+    scale for all; the last column holds the linear paths."""
+    if not results:
+        return
+    rows = [("eval", results)] + ([("batch", controls)] if controls else [])
+    nets = list(results)
+    fig, axes = plt.subplots(len(rows), len(nets) + 1, figsize=(4.2 * (len(nets) + 1), 3.8 * len(rows)),
+                             squeeze=False)
+    everything = [r for _, group in rows for r in group.values()]
+    # one colour scale for every net: log10 of the loss, from the lowest centre to a common cap
+    levels = np.linspace(np.log10(min(r["slice"]["center"]["loss"] for r in everything)) - 0.05, 1.0, 22)
+    lines += ["## Loss landscape", "", "Exact training loss (mean cross-entropy, float32) on the stated images; "
+              "'share < 1': grid points with a loss below 1.", "",
+              "| net | BN | grid | images | centre loss | share < 1 | slice max | wall time (slice / path) | "
+              "path max, 0 < t < 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for (bn, group), axrow in zip(rows, axes):
+        for ax, net in zip(axrow, nets):
+            if net not in group:
+                ax.axis("off")
+                continue
+            s = group[net]["slice"]
+            loss = np.log10(np.minimum(np.asarray(s["loss"], np.float64), 10.0))
+            cs = ax.contourf(s["alpha"], s["beta"], loss, levels=levels, cmap="viridis", extend="both")
+            ax.contour(s["alpha"], s["beta"], loss, levels=levels[::3], colors="k", linewidths=0.4)
+            ax.plot(0, 0, "w+")
+            ax.set(title=f"{net}, BN {bn} ({len(s['alpha'])}x{len(s['beta'])}, {s['num_images']} images)",
+                   xlabel="alpha", ylabel="beta")
+            path = group[net].get("path")
+            inner = [v for t, v in zip(path["t"], path["loss"]) if 0 < t < 1] if path else []
+            share = float(np.mean(np.asarray(s["loss"]) < 1))
+            lines.append(f"| {net} | {bn} | {len(s['alpha'])}x{len(s['beta'])} on [{s['alpha'][0]:g}, "
+                         f"{s['alpha'][-1]:g}]^2 | {s['num_images']} | {s['center']['loss']:.3f} | {share:.1%} | "
+                         f"{np.nanmax(s['loss']):.3g} | {s['wall_time_s']:.0f} s / "
+                         f"{path['wall_time_s'] if path else float('nan'):.0f} s | "
+                         f"{max(inner) if inner else float('nan'):.3g} |")
+        fig.colorbar(cs, ax=axrow[len(nets) - 1], label="log10 training loss (capped at 10)")
+        ax = axrow[-1]
+        for net in nets:
+            path = group.get(net, {}).get("path")
+            if path:
+                ax.plot(path["t"], path["loss"], "o-", ms=3, color=COLOURS[net], label=net)
+        ax.set(yscale="log", xlabel="t: (1 - t) init + t trained", ylabel="training loss",
+               title=f"linear path, BN {bn}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "landscape.png", dpi=100)
+    plt.close(fig)
+    lines.append("")
+
+
+def sharpness_figure(results: dict, lines: list) -> None:
+    if not results:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines += ["## Sharpness", "", "lambda_max of the training-loss Hessian on the monitor's probe batch "
+              "(Lanczos on exact HVPs; relative Ritz residual <= tol).", "",
+              "| net | when | lambda_max | residual / tol | HVPs | lr | 2/lr | (2+2 beta)/lr | loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for i, (net, r) in enumerate(results.items()):
+        for j, when in enumerate(("initialization", "trained")):
+            if when not in r:
+                continue
+            e = r[when]
+            ax.bar(i + 0.35 * j, e["lambda_max"], 0.3, color=COLOURS[net], alpha=0.5 if j == 0 else 1.0,
+                   label=f"{net} {when}")
+            ax.plot([i + 0.35 * j - 0.15, i + 0.35 * j + 0.15], [e["thresholds"]["gd"]] * 2, "k-", lw=1)
+            lines.append(f"| {net} | {when} (step {e['step']}) | {e['lambda_max']:.4g} | {e['residual']:.1e} / "
+                         f"{e['tol']:g} | {e['iterations']} | {e['learning_rate']:g} | {e['thresholds']['gd']:.4g} | "
+                         f"{e['thresholds']['momentum']:.4g} | {e['loss']:.3f} |")
+    ax.set(yscale="log", ylabel="lambda_max (black: 2/lr of the next step)", xticks=range(len(results)),
+           xticklabels=list(results), title="sharpness: initialization (light) and trained")
+    fig.tight_layout()
+    fig.savefig(HERE / "sharpness.png", dpi=110)
+    plt.close(fig)
+    lines.append("")
+
+
+def spectrum_figure(results: dict, lines: list) -> None:
+    """The isometry ratio m1^2/m2 per Jacobian (1: all singular values equal), initialization
+    (hollow) and trained (filled): unlike the SLQ density, whose lowest node lumps every small
+    singular value, it is a ratio of two unbiased estimates."""
+    if not results:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    panels = [("features", "feature extractor: unit_1 .. last unit"), ("own", "a unit's own Jacobian"),
+              ("logits", "d logits / d h at a unit's input")]
+    for ax, (kind, title) in zip(axes, panels):
+        for i, net in enumerate(results):
+            for when, fill in (("initialization", "none"), ("trained", COLOURS[net])):
+                if when not in results[net]:
+                    continue
+                entry = results[net][when][kind]
+                values = [entry] if kind == "features" else list(entry.values())
+                est = np.array([v["isometry"]["estimate"] for v in values])
+                low = np.array([v["isometry"]["ci_low"] for v in values])
+                high = np.array([v["isometry"]["ci_high"] for v in values])
+                x = i + (0.15 if when == "trained" else -0.15) + np.linspace(-0.06, 0.06, len(values))
+                ax.errorbar(x, est, yerr=np.stack([est - low, high - est]), fmt="o", mfc=fill, mec=COLOURS[net],
+                            ecolor=COLOURS[net], ms=6, capsize=2, label=f"{net} {when}" if kind == "features" else None)
+        ax.set(yscale="log", title=title, xticks=range(len(results)),
+               xticklabels=[n.replace("cifar_", "") for n in results])
+    axes[0].set_ylabel("isometry m1^2/m2 (1: all sigma equal)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(HERE / "spectrum.png", dpi=110)
+    plt.close(fig)
+    lines += ["## Jacobian spectra", "", "isometry = m1^2 / m2 of the squared singular values (1: all equal; ratio "
+              "of unbiased estimates [95% bootstrap over probes, a guide]); mean sigma^2 = ||J||_F^2 / n [95% t over "
+              "probes]; quantiles of log10 sigma (SLQ estimate [95% bootstrap over probes; quadrature error not "
+              "covered]); null: share below 1e-5 sigma_max.", "",
+              "| net | when | Jacobian | n | isometry m1^2/m2 | mean sigma^2 | sigma_max (lower bound) | q10 | q50 | "
+              "q90 | null |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def q(e):
+        return f"{e['estimate']:.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]"
+
+    for net, r in results.items():
+        for when in ("initialization", "trained"):
+            if when not in r:
+                continue
+            f = r[when]["features"]
+            rows = [("features " + f"{f['from']}..{f['to']}", f)]
+            rows += [(f"d logits / d h({u})", e) for u, e in r[when]["logits"].items()]
+            rows += [(f"own J of {u}", e) for u, e in r[when]["own"].items()]
+            for label, e in rows:
+                qs = e["log10_sigma_quantiles"]
+                m = e["mean_sq_singular_value"]
+                iso = e["isometry"]
+                lines.append(f"| {net} | {when} | {label} | {e['num_singular_values']} | {iso['estimate']:.3g} "
+                             f"[{iso['ci_low']:.3g}, {iso['ci_high']:.3g}] | {m['estimate']:.3g} [{m['ci_low']:.3g}, "
+                             f"{m['ci_high']:.3g}] | {e['sigma_max']['estimate']:.3g} | {q(qs['q10'])} | {q(qs['q50'])} | "
+                             f"{q(qs['q90'])} | {100 * e['null_share']['estimate']:.1f}% |")
+    lines.append("")
+
+
+def main() -> None:
+    lines = ["# Tables of the trained twins (generated by figures.py)", ""]
+    lesion_figure(load("lesion"), load("bn_batch/lesion"), lines)
+    landscape_figure(load("landscape"), load("bn_batch/landscape"), lines)
+    sharpness_figure(load("sharpness"), lines)
+    spectrum_figure(load("spectrum"), lines)
+    lines += ["## Wall times", "", "| net | analysis | wall time | load average (1, 5, 15 min) at the end |",
+              "|---|---|---|---|"]
+    for analysis in ("lesion", "bn_batch/lesion", "landscape", "bn_batch/landscape", "sharpness", "spectrum"):
+        for net, r in load(analysis).items():
+            lines.append(f"| {net} | {analysis} | {r['wall_time_s']:.0f} s | "
+                         f"{', '.join(f'{v:.1f}' for v in r['load_average'])} |")
+    (HERE / "tables.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
