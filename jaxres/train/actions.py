@@ -202,7 +202,25 @@ class Checkpoint(PeriodicAction):
         self.saved_at = step
 
 
-class Measure(PeriodicAction):
+class ScheduledMeasurement(PeriodicAction):
+    """What Measure and Sharpness share: they run at the record schedule's steps (`schedule`); a
+    new run measures its starting step, a resumed one only when that step is scheduled (its record
+    may be missing); a failure is reported, noted in the metrics log (`writer`), and the subclass
+    turns itself off. `name` says which in those messages."""
+
+    name = "measurement"
+
+    def start(self, step: int, state) -> None:
+        if not self.resumed or self.schedule.measures(step):
+            self(step, state)
+
+    def failed(self, step: int, err: Exception) -> None:
+        self.report(f"{self.name} at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
+        if self.writer:
+            self.writer.event(step, f"{self.name} stopped: {type(err).__name__}: {err}")
+
+
+class Measure(ScheduledMeasurement):
     """The gradient monitor's measurement (`jaxres.analysis.monitor.TrainingMonitor`) at the
     steps the schedule names, once per step (a step on record is skipped). A measurement that
     fails for any reason but a record that cannot be written is reported, noted in the metrics
@@ -212,6 +230,8 @@ class Measure(PeriodicAction):
     restored step when the schedule names it and the record is missing (a kill between the
     checkpoint and the measurement)."""
 
+    name = "analysis"
+
     def __init__(self, monitor, schedule: RecordSchedule, run, driver, writer, *, resumed: bool, report=print):
         self.monitor = monitor  # None: off (or on the processes that write no records)
         self.schedule = schedule
@@ -220,10 +240,6 @@ class Measure(PeriodicAction):
         self.writer = writer
         self.resumed = resumed
         self.report = report
-
-    def start(self, step: int, state) -> None:
-        if not self.resumed or self.schedule.measures(step):
-            self(step, state)
 
     def due(self, step: int) -> bool:
         return self.monitor is not None and self.schedule.measures(step)
@@ -236,20 +252,20 @@ class Measure(PeriodicAction):
         except FileWriteError:
             raise  # a record that cannot be written stops the run; a failed measurement does not
         except Exception as err:  # noqa: BLE001 - a failed measurement never costs the training run
-            self.report(f"analysis at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
-            if self.writer:
-                self.writer.event(step, f"analysis stopped: {type(err).__name__}: {err}")
+            self.failed(step, err)
             self.monitor.close()
             self.monitor = None
 
 
-class Sharpness(PeriodicAction):
+class Sharpness(ScheduledMeasurement):
     """The top Hessian eigenvalue of the training loss (batch statistics, as trained) on the
     monitor's probe batch, at the monitor's steps (`jaxres.analysis.sharpness`: Lanczos on
     exact Hessian-vector products, relative residual 1e-3, at most `max_iter` products), written
     to the metrics log as split "sharpness" beside the learning rate of the next update and
     Cohen et al.'s stability thresholds 2/lr and (2 + 2 momentum)/lr. As for `Measure`, a
     failure is reported, noted in the metrics log, and turns it off; it never costs the run."""
+
+    name = "sharpness"
 
     def __init__(self, run, schedule: RecordSchedule, driver, writer, *, max_iter: int, resumed: bool, report=print):
         from jaxres.analysis.sharpness import check_tolerance
@@ -258,10 +274,6 @@ class Sharpness(PeriodicAction):
         self.run, self.schedule, self.driver, self.writer = run, schedule, driver, writer
         self.max_iter, self.resumed, self.report = max_iter, resumed, report
         self.images, self.labels = run.probe_batch(run.config.analysis_batch_size)
-
-    def start(self, step: int, state) -> None:
-        if not self.resumed or self.schedule.measures(step):
-            self(step, state)
 
     def due(self, step: int) -> bool:
         return self.writer is not None and self.schedule.measures(step)
@@ -276,8 +288,7 @@ class Sharpness(PeriodicAction):
                                             self.run.analysis_variables(self.driver.get_state(state)),
                                             self.images, self.labels, bn="batch", max_iter=self.max_iter)
         except Exception as err:  # noqa: BLE001 - a failed measurement never costs the training run
-            self.report(f"sharpness at step {step} failed ({type(err).__name__}: {err}); training goes on without it")
-            self.writer.event(step, f"sharpness stopped: {type(err).__name__}: {err}")
+            self.failed(step, err)
             self.writer = None
             return
         lr = float(self.run.schedule(step))
