@@ -205,3 +205,41 @@ def test_license_matches_pyproject():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert (ROOT / "jaxres" / "py.typed").is_file()
+
+
+def oldest_python_violations(source: str) -> list[str]:
+    """f-string constructs Python 3.12 accepts (PEP 701) and the oldest supported Python, 3.11,
+    rejects: a quote of an enclosing f-string reused inside it, or a backslash in a replacement
+    field. The main leg runs 3.12+, whose parser accepts both, so this is read from its tokens."""
+    import io
+    import tokenize
+
+    found, stack = [], []  # stack: (opening quote, depth of replacement-field braces) per open f-string
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        name = tokenize.tok_name[tok.type]
+        inside = bool(stack)
+        if name in ("STRING", "FSTRING_START") and inside:
+            prefix_end = len(tok.string) - len(tok.string.lstrip("rRbBuUfF"))
+            quote = tok.string[prefix_end:prefix_end + 3]
+            quote = quote if quote in ('"""', "'''") else quote[0]
+            if any(quote[0] == outer[0] for outer, _ in stack):
+                found.append(f"line {tok.start[0]}: {quote} reused inside an f-string opened with the same quote")
+        if name == "FSTRING_START":
+            text = tok.string.lstrip("rRbBfF")
+            stack.append((text[:3] if text[:3] in ('"""', "'''") else text[0], 0))
+        elif name == "FSTRING_END":
+            stack.pop()
+        elif inside and name != "FSTRING_MIDDLE" and "\\" in tok.string:
+            found.append(f"line {tok.start[0]}: backslash inside an f-string replacement field")
+    return found
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="reads the 3.12 f-string tokens; 3.11 compiles directly")
+def test_sources_parse_on_the_oldest_supported_python():
+    # requires-python says 3.11; CI's main leg runs the newest Python, which would accept these.
+    assert PYPROJECT["requires-python"] == ">=3.11"
+    assert oldest_python_violations("x = f\"{' / '.join(f'{r['m']}' for r in v)}\"")  # the check can fail
+    assert not oldest_python_violations("x = f\"{' / '.join(f'{r[1]}' for r in v)}\"")
+    bad = {str(p.relative_to(ROOT)): v for p in sorted(ROOT.glob("[jted]*/**/*.py"))
+           if ".venv" not in p.parts and (v := oldest_python_violations(p.read_text()))}
+    assert not bad, f"3.12-only f-string syntax (requires-python is >=3.11): {bad}"

@@ -161,9 +161,10 @@ def write_outputs(results: dict, out) -> None:
                       "| net | measured mean | masks followed (trajectory) | masks shuffled (stationary) |",
                       "|---|---|---|---|"]
             for name, v in post_rows.items():
-                lines.append(f"| {name} | {' / '.join(f'{r['mean']:.4f}' for r in v['stages'])} | "
-                             f"{' / '.join(f'{r['predicted']:.4f}' for r in v['stages'])} | "
-                             f"{' / '.join(f'{x:.4f}' for x in v['stationary_masks_prediction'])} |")
+                measured = " / ".join(f"{r['mean']:.4f}" for r in v["stages"])
+                followed = " / ".join(f"{r['predicted']:.4f}" for r in v["stages"])
+                shuffled = " / ".join(f"{x:.4f}" for x in v["stationary_masks_prediction"])
+                lines.append(f"| {name} | {measured} | {followed} | {shuffled} |")
             lines.append("")
     if "wider_cifar" in s:
         lines += ["## Finite width: the missing ReLU nets built 4x wider (64-128-256 channels; diagnostic, not "
