@@ -63,6 +63,16 @@ def test_sharpness_of_the_trained_weights_and_the_initialization(weights, tmp_pa
     assert result["trained"]["lambda_max"] > 0 and result["trained"]["bn"] == "batch"
 
 
+def test_a_trained_net_loads_from_python_as_the_cli_loads_it(weights):
+    from jaxres.train.trained_net import TrainedNet
+
+    net = TrainedNet(weights)
+    assert net.config.model == "ResNet" and net.step == 10  # the weights file's config: num_steps
+    images, labels = net.images("eval", 4)
+    assert images.shape == (4, 32, 32, 3) and labels.shape == (4,)
+    assert net.learning_rate(net.step) == pytest.approx(0.01)
+
+
 def fails(argv, capsys) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err

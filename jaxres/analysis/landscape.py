@@ -7,7 +7,8 @@ trained weights (Goodfellow, Vinyals & Saxe 2015, arXiv 1412.6544).
   (in, out)) rescaled to the norm of the same filter of the trained weights: ||d_f|| = ||w_f||.
   Parameters with fewer than 2 axes (BatchNorm scales and offsets, biases) get 0, as in the
   paper's `--xignore biasbn`; BatchNorm running statistics are not parameters and stay.
-- `slice_2d`: L(w + a d1 + b d2) over a grid of (a, b); `linear_path`: L((1 - t) w0 + t w1).
+- `slice_2d`: L(w + a d1 + b d2) over a grid of (a, b); `linear_path`: L((1 - t) w0 + t w1);
+  `landscape_study`: both for one trained net, timed.
 
 Every loss is exact (float32): the mean cross-entropy and the top-1 error on the given images,
 not on the whole training split; the images, their number, the grid and the seed are in the
@@ -21,6 +22,7 @@ no statistics of its own).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +164,25 @@ def linear_path(model, start, end, images, labels, *, ts, bn: str = "eval", chun
     return {"t": ts.tolist(), "loss": losses, "error": errors, "num_images": int(images.shape[0]), "bn": bn,
             "interpolated": list(keep), "method": METHOD}
 
+
+
+def landscape_study(model, variables, images, labels, *, grid, path_grid=None, initial_variables=None,
+                    seed: int = 0, bn: str = "eval", chunk: int = 256) -> dict:
+    """Li et al.'s two views of one trained net on one batch: `slice`, `slice_2d` over `grid` x
+    `grid`, and, with `path_grid`, `path`, `linear_path` from `initial_variables` (the net's
+    initialization) to `variables`; each with its `wall_time_s`. The grids are checked first."""
+    grid = check_axis(grid, "grid")
+    if path_grid is not None:
+        path_grid = check_axis(path_grid, "path grid")
+        if initial_variables is None:
+            raise ValueError("a path needs the initial variables (initial_variables=...), or leave path_grid out")
+    start = time.perf_counter()
+    result = {"slice": slice_2d(model, variables, images, labels, alphas=grid, betas=grid, seed=seed, bn=bn,
+                                chunk=chunk)}
+    result["slice"]["wall_time_s"] = time.perf_counter() - start
+    if path_grid is not None:
+        start = time.perf_counter()
+        result["path"] = linear_path(model, initial_variables, variables, images, labels, ts=path_grid, bn=bn,
+                                     chunk=chunk)
+        result["path"]["wall_time_s"] = time.perf_counter() - start
+    return result

@@ -116,3 +116,22 @@ def stability_thresholds(learning_rate: float, momentum: float = 0.0) -> dict:
     if learning_rate <= 0:
         return {"gd": float("inf"), "momentum": float("inf")}
     return {"gd": 2.0 / learning_rate, "momentum": (2.0 + 2.0 * momentum) / learning_rate}
+
+
+def sharpness_study(model, x, labels, points: dict, *, momentum: float = 0.0, bn: str = "batch",
+                    tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, seed: int = 0) -> dict:
+    """`top_hessian_eigenvalue` on one batch at several points of one net, e.g. the trained
+    weights and the initialization: `points` maps a name to `(variables, step, learning_rate)`
+    (step and learning rate None where unknown). With a learning rate an entry gains `step`,
+    `learning_rate` and `thresholds` (`stability_thresholds` with `momentum`). Returns
+    {"analysis", "reference", name: entry, ...}; the arguments are checked first."""
+    check_bn(bn)
+    check_tolerance(tol, max_iter)
+    out = {"analysis": "sharpness", "reference": "Cohen et al. 2021 (arXiv 2103.00065)"}
+    for name, (variables, step, learning_rate) in points.items():
+        result = top_hessian_eigenvalue(model, variables, x, labels, bn=bn, tol=tol, max_iter=max_iter, seed=seed)
+        if step is not None and learning_rate is not None:
+            result.update(step=step, learning_rate=learning_rate,
+                          thresholds=stability_thresholds(learning_rate, momentum))
+        out[name] = result
+    return out

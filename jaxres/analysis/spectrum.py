@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres.analysis.estimators import confidence_interval
-from jaxres.analysis.segments import Segment, find_segment
+from jaxres.analysis.lesion import unit_inputs
+from jaxres.analysis.segments import Segment, SegmentCache, check_bn, find_segment
 
 NULL_RELATIVE = 1e-5  # nodes below this fraction of sigma_max count as zero (float32 Krylov noise)
 DENSITY_BINS = np.linspace(-6.0, 3.0, 91)  # log10 sigma, 0.1-decade bins
@@ -229,3 +230,42 @@ def jacobian_spectrum(segments: list[Segment], hs: list, start: str, stop: str, 
 def _significant(array, digits: int = 6) -> list:
     """Nested lists of floats to `digits` significant digits (float32's), for compact JSON."""
     return [[float(f"{v:.{digits}g}") for v in row] for row in np.asarray(array, np.float64)]
+
+
+def default_starts(names) -> tuple[str, ...]:
+    """Three evenly spaced inner units (`names`: the model's units, stem to head) whose input
+    the Jacobians of `spectrum_study` start at."""
+    names = list(names)
+    return tuple(names[1:-1:max(1, (len(names) - 2) // 3)])
+
+
+def spectrum_study(model, variants: dict, x, *, starts=None, bn: str = "eval", num_matvecs: int = 64,
+                   num_probes: int = 8, seed: int = 0) -> dict:
+    """The SLQ spectra of one net at each of `variants` ({name: variables}, e.g. the trained
+    weights and the initialization) on the NHWC batch `x`: for each unit u of `starts` (default
+    `default_starts`) `logits[u]`, d logits / d h(u), and `own[u]`, u's own Jacobian; and
+    `features`, Pennington et al.'s input-output Jacobian of the feature extractor (the input of
+    the first unit after the stem to the output of the last before the head). Returns
+    {"analysis", "reference", name: {"logits", "own", "features"}, ...}; units are checked first."""
+    check_bn(bn)
+    names = list(model.unit_names())
+    starts = default_starts(names) if starts is None else tuple(starts)
+    for unit in starts:
+        if unit not in names[:-1]:
+            raise ValueError(f"--units: {unit!r} is not a unit before the head of {type(model).__name__} "
+                             f"({', '.join(names[:-1])})")
+    features = (names[1], names[-2])
+    x = jnp.asarray(x)
+    cache = SegmentCache()
+    out = {"analysis": "spectrum", "reference": "Pennington, Schoenholz & Ganguli 2017 (arXiv 1711.04735)"}
+    options = {"num_matvecs": num_matvecs, "num_probes": num_probes, "seed": seed}
+    for name, variables in variants.items():
+        segments = cache.segments(model, variables, x.shape, bn)
+        hs = unit_inputs(segments, x)
+        entry = {"logits": {}, "own": {}}
+        for unit in starts:  # d logits / d h: at most C * N singular values, all of them with k = C * N
+            entry["logits"][unit] = jacobian_spectrum(segments, hs, unit, names[-1], **options)
+            entry["own"][unit] = jacobian_spectrum(segments, hs, unit, unit, **options)
+        entry["features"] = jacobian_spectrum(segments, hs, *features, **options)
+        out[name] = entry
+    return out

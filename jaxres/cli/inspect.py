@@ -17,95 +17,23 @@ Each writes `ANALYSIS.json` into `--out` (written whole at the end: an error lea
 file) with the arguments, the wall time and the load average, and prints a table in which
 every number says whether it is exact or an estimate, with its interval or tolerance. Every
 argument is checked before the work starts.
+
+A thin layer: `jaxres.train.trained_net.TrainedNet` loads the net (and writes ANALYSIS.json), and
+`lesion_study`, `landscape_study`, `sharpness_study` and `spectrum_study` (jaxres.analysis) measure
+it; call them from Python the same way.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxres.train.trained_net import TrainedNet
 
 HELP = "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra"
 ANALYSES = ("export", "lesion", "landscape", "sharpness", "spectrum")
-
-
-class TrainedNet:
-    """A trained net as the analyses see it: `model` (units one by one), `variables`, the
-    training `config` (an ml_collections ConfigDict) and its dataset `spec`."""
-
-    def __init__(self, path, data_dir: str = ""):
-        from jaxres.analysis.restore import check_variables, restore_variables, stored_config
-        from jaxres.data import dataset_spec
-        from jaxres.train import config as config_lib
-        from jaxres.train.run import build_model
-
-        stored = stored_config(path)
-        if "dataset" not in stored:
-            raise ValueError(f"{path} records no training config (model, dataset, seed); pass a `jaxres train` workdir, "
-                             f"or a weights file exported from one with `jaxres inspect export`")
-        self.path = str(path)
-        self.config = config_lib.from_json(stored)
-        if data_dir:
-            self.config.data_dir = data_dir
-        self.spec = dataset_spec(self.config.dataset)
-        self.train_model = build_model(self.config, self.spec)
-        self.model = self.train_model.clone(scan_units=False, remat_units=False)
-        self.input_shape = (1, self.spec.image_size, self.spec.image_size, self.spec.channels)
-        import jax.numpy as jnp
-
-        self.variables = check_variables(self.model, restore_variables(path), jnp.zeros(self.input_shape),
-                                         self.config.model)
-
-    def initial_variables(self) -> dict:
-        """The variables training started from: `create_train_state`'s draw from the config's seed."""
-        import jax
-        import jax.numpy as jnp
-
-        from jaxres.analysis.restore import check_variables
-
-        init_rng, _ = jax.random.split(jax.random.PRNGKey(self.config.seed))
-        variables = jax.jit(lambda key: self.train_model.init(key, jnp.zeros(self.input_shape), False))(init_rng)
-        return check_variables(self.model, variables, jnp.zeros(self.input_shape), self.config.model)
-
-    def images(self, split: str, count: int, seed: int = 0):
-        """(images float32 NHWC, labels int32): `count` examples of `split` ("train" or "eval":
-        the config's splits), the first of a seed-`seed` permutation, eval transform."""
-        from jaxres import data
-
-        name, source = self._source(split)
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(source):
-            raise ValueError(f"--images must lie in 1..{len(source)} (the {name} split), got {count!r}")
-        batch = data.probe_batch(source, transform=self._transform(), size=count, seed=seed)
-        return batch["image"], batch["label"]
-
-    def _transform(self):
-        from jaxres import data
-
-        return data.eval_transform(self.config.augment or self.spec.augment, self.spec.image_size,
-                                   self.spec.mean, self.spec.std)
-
-    def _source(self, split: str):
-        """The random-access source of `split` ("train" or "eval": the config's splits)."""
-        from jaxres import data
-
-        name = {"train": self.config.train_split or self.spec.train_split,
-                "eval": self.config.eval_split or self.spec.eval_split}[split]
-        return name, data.load_source(self.config.dataset, name, self.config.data_dir or None)
-
-    def probe_batch(self):
-        """The training monitor's probe batch (`Run.probe_batch`): the same images as its records."""
-        from jaxres import data
-
-        _, source = self._source("train")
-        batch = data.probe_batch(source, transform=self._transform(), size=self.config.analysis_batch_size,
-                                 seed=self.config.seed)
-        return batch["image"], batch["label"]
-
-    def learning_rate(self, step: int) -> float:
-        """The config's learning rate at `step` (the optimizer's schedule, as `Run` makes it)."""
-        from jaxres.train.optim import make_schedule
-
-        _, source = self._source("train")
-        return float(make_schedule(self.config, max(1, len(source) // self.config.batch_size))(step))
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -140,90 +68,40 @@ def run_lesion(args, net: TrainedNet) -> dict:
 
 
 def run_landscape(args, net: TrainedNet) -> dict:
-    from jaxres.analysis import landscape
+    from jaxres.analysis.landscape import landscape_study, parse_axis
 
-    grid = landscape.parse_axis(args.grid, "--grid")
-    path_grid = landscape.parse_axis(args.path_grid, "--path-grid") if args.path_grid else None
+    grid = parse_axis(args.grid, "--grid")
+    path_grid = parse_axis(args.path_grid, "--path-grid") if args.path_grid else None
     images, labels = net.images("train", args.images, args.seed)
-    start = time.perf_counter()
-    result = {"slice": landscape.slice_2d(net.model, net.variables, images, labels, alphas=grid, betas=grid,
-                                          seed=args.seed, bn=args.bn, chunk=args.batch_size)}
-    result["slice"]["wall_time_s"] = time.perf_counter() - start
-    if path_grid is not None:
-        start = time.perf_counter()
-        result["path"] = landscape.linear_path(net.model, net.initial_variables(), net.variables, images, labels,
-                                               ts=path_grid, bn=args.bn, chunk=args.batch_size)
-        result["path"]["wall_time_s"] = time.perf_counter() - start
+    result = landscape_study(net.model, net.variables, images, labels, grid=grid, path_grid=path_grid,
+                             initial_variables=net.initial_variables() if path_grid is not None else None,
+                             seed=args.seed, bn=args.bn, chunk=args.batch_size)
     return {"analysis": "landscape", "images": "training split, first of a permutation (seed "
             f"{args.seed}), eval transform", **result}
 
 
 def run_sharpness(args, net: TrainedNet) -> dict:
-    from jaxres.analysis.sharpness import stability_thresholds, top_hessian_eigenvalue
+    from jaxres.analysis.sharpness import sharpness_study
 
     images, labels = net.probe_batch()
-    step = _trained_step(args.checkpoint)
-    out = {"analysis": "sharpness", "images": f"the training monitor's probe batch ({len(labels)} training "
-           f"examples, seed {net.config.seed})", "reference": "Cohen et al. 2021 (arXiv 2103.00065)"}
-    rows = [("trained", step, net.variables)] + ([("initialization", 0, net.initial_variables())] if args.init else [])
-    for name, at, variables in rows:
-        result = top_hessian_eigenvalue(net.model, variables, images, labels, bn=args.bn, tol=args.tol,
-                                        max_iter=args.max_iter, seed=args.seed)
-        if at is not None:
-            lr = net.learning_rate(at)
-            result.update(step=at, learning_rate=lr, thresholds=stability_thresholds(lr, net.config.momentum))
-        out[name] = result
-    return out
-
-
-def _trained_step(path):
-    """The step of a workdir's checkpoint, or the weights file's recorded step; None if unknown."""
-    from jaxres.analysis.restore import is_weights_file
-    from jaxres.workdir import find_checkpoint, is_workdir_layout
-
-    if is_weights_file(path):
-        from jaxres.analysis.restore import stored_config
-
-        return int(stored_config(path).get("num_steps", 0)) or None
-    if is_workdir_layout(path):
-        return find_checkpoint(path)[2]
-    return None
+    points = {"trained": (net.variables, net.step, net.learning_rate(net.step) if net.step is not None else None)}
+    if args.init:
+        points["initialization"] = (net.initial_variables(), 0, net.learning_rate(0))
+    result = sharpness_study(net.model, images, labels, points, momentum=net.config.momentum, bn=args.bn,
+                             tol=args.tol, max_iter=args.max_iter, seed=args.seed)
+    return {"analysis": "sharpness", "images": f"the training monitor's probe batch ({len(labels)} training "
+            f"examples, seed {net.config.seed})", **result}
 
 
 def run_spectrum(args, net: TrainedNet) -> dict:
-    import jax.numpy as jnp
+    from jaxres.analysis.spectrum import spectrum_study
 
-    from jaxres.analysis.lesion import unit_inputs
-    from jaxres.analysis.segments import SegmentCache, check_bn
-    from jaxres.analysis.spectrum import jacobian_spectrum
-
-    check_bn(args.bn)
     images, _ = net.images("eval", args.images, args.seed)
-    x = jnp.asarray(images)
-    cache = SegmentCache()
-    names = list(net.model.unit_names())
-    starts = _names(args.units) if args.units else tuple(names[1:-1:max(1, (len(names) - 2) // 3)])
-    for unit in starts:
-        if unit not in names[:-1]:
-            raise ValueError(f"--units: {unit!r} is not a unit before the head of {net.config.model} "
-                             f"({', '.join(names[:-1])})")
-    features = (names[1], names[-2])  # Pennington et al.'s input-output Jacobian of the feature extractor
-    out = {"analysis": "spectrum", "images": f"{args.images} test images (seed {args.seed}), eval transform",
-           "reference": "Pennington, Schoenholz & Ganguli 2017 (arXiv 1711.04735)"}
-    variants = [("trained", net.variables)] + ([("initialization", net.initial_variables())] if args.init else [])
-    for name, variables in variants:
-        segments = cache.segments(net.model, variables, x.shape, args.bn)
-        hs = unit_inputs(segments, x)
-        entry = {"logits": {}, "own": {}}
-        for unit in starts:  # d logits / d h: at most C * N singular values, all of them with k = C * N
-            entry["logits"][unit] = jacobian_spectrum(segments, hs, unit, names[-1], num_matvecs=args.num_matvecs,
-                                                      num_probes=args.num_probes, seed=args.seed)
-            entry["own"][unit] = jacobian_spectrum(segments, hs, unit, unit, num_matvecs=args.num_matvecs,
-                                                   num_probes=args.num_probes, seed=args.seed)
-        entry["features"] = jacobian_spectrum(segments, hs, *features, num_matvecs=args.num_matvecs,
-                                              num_probes=args.num_probes, seed=args.seed)
-        out[name] = entry
-    return out
+    variants = {"trained": net.variables, **({"initialization": net.initial_variables()} if args.init else {})}
+    result = spectrum_study(net.model, variants, images, starts=_names(args.units) if args.units else None,
+                            bn=args.bn, num_matvecs=args.num_matvecs, num_probes=args.num_probes, seed=args.seed)
+    return {"analysis": "spectrum", "images": f"{args.images} test images (seed {args.seed}), eval transform",
+            **result}
 
 
 RUNNERS = {"export": run_export, "lesion": run_lesion, "landscape": run_landscape, "sharpness": run_sharpness,
@@ -294,7 +172,6 @@ def format_table(analysis: str, result: dict) -> str:
 
 def run(args) -> int:
     from jaxres.cli.paths import check_output_dir
-    from jaxres.files import write_text_atomic
 
     if args.analysis == "export":
         if not str(args.out).endswith(".safetensors"):
@@ -305,6 +182,8 @@ def run(args) -> int:
     else:
         out = check_output_dir(args.out)
     check_arguments(args)
+    from jaxres.train.trained_net import TrainedNet
+
     net = TrainedNet(args.checkpoint, args.data_dir)
     start = time.perf_counter()
     result = RUNNERS[args.analysis](args, net)
@@ -312,15 +191,9 @@ def run(args) -> int:
     print(format_table(args.analysis, result))
     if args.analysis == "export":
         return 0
-    import json
-
-    from jaxres.analysis.monitor import json_safe
-
-    result = {**result, "checkpoint": str(args.checkpoint), "model": net.config.model,
-              "dataset": net.config.dataset, "arguments": {k: v for k, v in vars(args).items() if k != "func"},
-              "wall_time_s": seconds, "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count()}
-    write_text_atomic(out / f"{args.analysis}.json", json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")
-    print(f"{args.analysis} of {net.config.model} in {seconds:.0f} s; wrote {out / (args.analysis + '.json')}")
+    path = net.write_result(out, args.analysis, result, seconds=seconds,
+                            arguments={k: v for k, v in vars(args).items() if k != "func"})
+    print(f"{args.analysis} of {net.config.model} in {seconds:.0f} s; wrote {path}")
     return 0
 
 
