@@ -334,6 +334,18 @@ def test_units_are_sorted_into_stages_from_their_shapes_and_sampled_per_stage(tw
     assert sample_units(places, 0) == list(range(6))
 
 
+def test_units_are_sampled_over_the_net_with_transitions_the_same_centred_way(two_stages):
+    """within="net" (the training monitor): the inner units unit_1 .. unit_4, transitions
+    included, at int((j + 1/2) * 4 / count)."""
+    from jaxres.analysis.stages import sample_units, unit_places
+
+    places = unit_places(two_stages)
+    assert sample_units(places, 1, within="net") == [3]  # unit_3, the transition
+    assert sample_units(places, 2, within="net") == [2, 4]
+    assert sample_units(places, 3, within="net") == [1, 3, 4]
+    assert sample_units(places, 9, within="net") == [1, 2, 3, 4]  # every inner unit, never the stem or head
+
+
 def test_stage_rates_are_geometric_means_over_shape_keeping_units_only(two_stages):
     """Norms at the inputs of stem, unit_1 .. unit_4 and the head: stage 1's rate is the
     geometric mean of n1/n2 and n2/n3 = sqrt(n1/n3); the transition unit_3 is n3/n4 alone."""

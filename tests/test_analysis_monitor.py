@@ -220,7 +220,8 @@ def test_tensorboard_gets_per_unit_scalars_and_the_unit_by_step_image(setup, mea
 def test_unit_jacobians_are_the_exact_unit_norms(setup, measured, tmp_path):
     """On 8x8 inputs unit_3 (4x4x8 -> 2x2x16) is small enough for exact norms: compare with
     the materialized jax.jacrev Jacobian of the unit (example 0 / the whole batch map).
-    unit_jacobians=2 samples the first and the last inner unit."""
+    unit_jacobians=2 samples two of the inner units unit_1 (shape-keeping), unit_2 and unit_3
+    (transitions), centred: the first and the last (`stages.sample_units`, within="net")."""
     model, variables, x, labels, cache = setup
     with TrainingMonitor(model, x, labels, workdir=tmp_path, bn=("eval", "batch"), unit_jacobians=2,
                          tensorboard=False, cache=cache) as monitor:

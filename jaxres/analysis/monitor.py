@@ -40,6 +40,7 @@ import numpy as np
 from jaxres.analysis import quantities as q
 from jaxres.analysis.endtoend import check_labels, end_to_end
 from jaxres.analysis.segments import SegmentCache, check_bn, unit_variables
+from jaxres.analysis.stages import sample_units, unit_places
 from jaxres.analysis.unit_groups import JacobianOptions, measure_group
 from jaxres.models.scan_layout import is_stacked
 from jaxres.workdir import Workdir
@@ -139,15 +140,6 @@ class ReusedSegments(SegmentCache):
         return [dataclasses.replace(s, cvars=unit_variables(variables, s.name)) for s in self._traced[key]]
 
 
-def evenly_spaced_inner_units(num_units: int, count: int) -> list[int]:
-    """`count` evenly spaced unit indices among the inner units (stem and head excluded), or
-    all of them."""
-    inner = list(range(1, num_units - 1))
-    if count >= len(inner):
-        return inner
-    return sorted({inner[round(i * (len(inner) - 1) / (count - 1))] for i in range(count)}) if count > 1 else inner[:1]
-
-
 def _kernel_norm(params: dict, path: str) -> float:
     node = params
     for key in path.split("/"):
@@ -179,7 +171,8 @@ class TrainingMonitor:
 
     model: a unit-interface model; images: float NHWC (N, H, W, C), N >= 2; labels: int (N,);
     bn: BatchNorm policies measured at every step (tuple or "eval,batch"); unit_jacobians:
-    per-unit Jacobians on that many evenly spaced inner units (0: none; costs extra JVP/VJPs).
+    per-unit Jacobians on that many evenly spaced inner units, transitions included
+    (`stages.sample_units(..., within="net")`; 0: none; costs extra JVP/VJPs).
     workdir: a path, or a run's `Workdir` (training passes its own: the monitor then writes
     through it and shares its TensorBoard writer; the workdir closes them).
     resume_step: a resumed run's restored step; records after it are dropped (the file is
@@ -247,7 +240,7 @@ class TrainingMonitor:
         """Per-unit ||J||_F^2 and sigma_max on the sampled inner units, grouped by computation
         (one vmapped op per group, as `jaxres analyze` does); fixed seeds, so the Hutchinson
         probes and Lanczos starts are the same at every step."""
-        picked = evenly_spaced_inner_units(len(segments), self.unit_jacobians)
+        picked = sample_units(unit_places(segments), self.unit_jacobians, within="net")
         groups: dict[int, list[int]] = {}
         for i in picked:
             groups.setdefault(id(segments[i].ops), []).append(i)

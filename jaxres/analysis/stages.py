@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxres.choices import pick
+
 
 @dataclasses.dataclass(frozen=True)
 class UnitPlace:
@@ -38,17 +40,31 @@ def unit_places(segments) -> list[UnitPlace]:
     return places
 
 
-def sample_units(places: list[UnitPlace], per_stage: int) -> list[int]:
-    """Indices of `per_stage` evenly spaced shape-keeping units of every stage (centred in
-    the stage; all of them when it has fewer); `per_stage=0`: every unit."""
-    if per_stage == 0:
+def sample_units(places: list[UnitPlace], count: int, *, within: str = "stage") -> list[int]:
+    """Indices into `places` of `count` evenly spaced units, centred: of n candidates, those at
+    int((j + 1/2) n / count), j = 0 .. count - 1 (all n when count >= n), in forward order.
+
+    - within="stage": `count` per stage among its shape-keeping units (those a stage's rate is
+      taken over, `stage_rates`): what `jaxres analyze` measures per-unit Jacobians on;
+    - within="net": `count` among all inner units, transitions included (stem and head
+      excluded): what the training monitor measures them on (`analysis_unit_jacobians`).
+
+    count=0: every unit, stem and head included."""
+    per_stage = pick("sampling scope (within)", within, {"stage": True, "net": False})
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"the number of units to sample must be an integer >= 0 (0: every unit), got {count!r}")
+    if count == 0:
         return list(range(len(places)))
+    if per_stage:
+        groups = [[i for i, p in enumerate(places) if p.stage == stage and p.kind == "shape-keeping"]
+                  for stage in sorted({p.stage for p in places if p.stage is not None})]
+    else:
+        groups = [[i for i, p in enumerate(places) if p.kind in ("shape-keeping", "transition")]]
     picked = []
-    for stage in sorted({p.stage for p in places if p.stage is not None}):
-        members = [i for i, p in enumerate(places) if p.stage == stage and p.kind == "shape-keeping"]
-        count = min(per_stage, len(members))
-        picked += [members[int((j + 0.5) * len(members) / count)] for j in range(count)]
-    return sorted(set(picked))
+    for members in groups:
+        n = min(count, len(members))
+        picked += [members[int((j + 0.5) * len(members) / n)] for j in range(n)]
+    return sorted(picked)
 
 
 def unit_rates(norms: list[np.ndarray]) -> np.ndarray:
