@@ -18,9 +18,9 @@ file) with the arguments, the wall time and the load average, and prints a table
 every number says whether it is exact or an estimate, with its interval or tolerance. Every
 argument is checked before the work starts.
 
-A thin layer: `jaxres.train.trained_net.TrainedNet` loads the net (and writes ANALYSIS.json), and
-`lesion_study`, `landscape_study`, `sharpness_study` and `spectrum_study` (jaxres.analysis) measure
-it; call them from Python the same way.
+A thin layer over `jaxres.train.trained_net.TrainedNet`, which loads the net, runs each analysis
+(`TrainedNet.lesion`, ...: `jaxres.analysis`'s `lesion_study`, `landscape_study`, ... on the
+analysis' images) and writes ANALYSIS.json; call it from Python the same way.
 """
 
 from __future__ import annotations
@@ -58,50 +58,26 @@ def run_export(args, net: TrainedNet) -> dict:
 
 
 def run_lesion(args, net: TrainedNet) -> dict:
-    from jaxres.analysis.lesion import lesion_study
-
-    images, labels = net.images("eval", args.images, args.seed)
-    ks = _ints(args.ks, "--ks") if args.ks else None
-    units = _names(args.units) if args.units else None
-    return lesion_study(net.model, net.variables, images, labels, bn=args.bn, units=units, ks=ks, draws=args.draws,
-                        seed=args.seed, batch_size=args.batch_size)
+    return net.lesion(images=args.images, bn=args.bn, units=_names(args.units) if args.units else None,
+                      ks=_ints(args.ks, "--ks") if args.ks else None, draws=args.draws, seed=args.seed,
+                      batch_size=args.batch_size)
 
 
 def run_landscape(args, net: TrainedNet) -> dict:
-    from jaxres.analysis.landscape import landscape_study, parse_axis
+    from jaxres.analysis.landscape import parse_axis
 
-    grid = parse_axis(args.grid, "--grid")
-    path_grid = parse_axis(args.path_grid, "--path-grid") if args.path_grid else None
-    images, labels = net.images("train", args.images, args.seed)
-    result = landscape_study(net.model, net.variables, images, labels, grid=grid, path_grid=path_grid,
-                             initial_variables=net.initial_variables() if path_grid is not None else None,
-                             seed=args.seed, bn=args.bn, chunk=args.batch_size)
-    return {"analysis": "landscape", "images": "training split, first of a permutation (seed "
-            f"{args.seed}), eval transform", **result}
+    return net.landscape(grid=parse_axis(args.grid, "--grid"), images=args.images, bn=args.bn, seed=args.seed,
+                         path_grid=parse_axis(args.path_grid, "--path-grid") if args.path_grid else None,
+                         batch_size=args.batch_size)
 
 
 def run_sharpness(args, net: TrainedNet) -> dict:
-    from jaxres.analysis.sharpness import sharpness_study
-
-    images, labels = net.probe_batch()
-    points = {"trained": (net.variables, net.step, net.learning_rate(net.step) if net.step is not None else None)}
-    if args.init:
-        points["initialization"] = (net.initial_variables(), 0, net.learning_rate(0))
-    result = sharpness_study(net.model, images, labels, points, momentum=net.config.momentum, bn=args.bn,
-                             tol=args.tol, max_iter=args.max_iter, seed=args.seed)
-    return {"analysis": "sharpness", "images": f"the training monitor's probe batch ({len(labels)} training "
-            f"examples, seed {net.config.seed})", **result}
+    return net.sharpness(init=args.init, bn=args.bn, tol=args.tol, max_iter=args.max_iter, seed=args.seed)
 
 
 def run_spectrum(args, net: TrainedNet) -> dict:
-    from jaxres.analysis.spectrum import spectrum_study
-
-    images, _ = net.images("eval", args.images, args.seed)
-    variants = {"trained": net.variables, **({"initialization": net.initial_variables()} if args.init else {})}
-    result = spectrum_study(net.model, variants, images, starts=_names(args.units) if args.units else None,
-                            bn=args.bn, num_matvecs=args.num_matvecs, num_probes=args.num_probes, seed=args.seed)
-    return {"analysis": "spectrum", "images": f"{args.images} test images (seed {args.seed}), eval transform",
-            **result}
+    return net.spectrum(init=args.init, images=args.images, units=_names(args.units) if args.units else None,
+                        bn=args.bn, num_matvecs=args.num_matvecs, num_probes=args.num_probes, seed=args.seed)
 
 
 RUNNERS = {"export": run_export, "lesion": run_lesion, "landscape": run_landscape, "sharpness": run_sharpness,

@@ -6,8 +6,13 @@ dataset, seed and schedule come from that config, the variables from the checkpo
 checked by `jaxres.analysis.restore`), the images from the config's dataset.
 
     net = TrainedNet("experiments/results/twins/weights/cifar_resnet20.safetensors")
-    images, labels = net.images("eval", 500)
+    net.lesion(images=500)                     # Veit et al.'s lesions on 500 test images
+    images, labels = net.images("eval", 500)   # or any analysis on the model and its variables
     lesion_study(net.model, net.variables, images, labels)
+
+Its methods `lesion`, `landscape`, `sharpness` and `spectrum` run the analyses of `jaxres
+inspect` (and `jaxres experiment twins`), each on the images it is defined on, and return the
+JSON-ready dict; `write_result` writes one as ANALYSIS.json.
 
 It lives with training, not in `jaxres.analysis`, because it rebuilds the net as `Run` builds it
 (`build_model`, the optimizer's schedule, `create_train_state`'s draw of the initialization),
@@ -24,8 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxres import data
+from jaxres.analysis.landscape import landscape_study
+from jaxres.analysis.lesion import lesion_study
 from jaxres.analysis.monitor import json_safe
 from jaxres.analysis.restore import check_variables, is_weights_file, restore_variables, stored_config
+from jaxres.analysis.sharpness import sharpness_study
+from jaxres.analysis.spectrum import spectrum_study
 from jaxres.train import config as config_lib
 from jaxres.train.optim import make_schedule
 from jaxres.train.run import build_model
@@ -95,6 +104,52 @@ class TrainedNet:
         """The config's learning rate at `step` (the optimizer's schedule, as `Run` makes it)."""
         _, source = self._source("train")
         return float(make_schedule(self.config, max(1, len(source) // self.config.batch_size))(step))
+
+    # -- the analyses of issue 22, each on the images it is defined on -------------------------
+    def lesion(self, *, images: int = 2000, bn: str = "eval", units=None, ks=None, draws: int = 5, seed: int = 0,
+               batch_size: int = 250) -> dict:
+        """Test error with units removed (`lesion.lesion_study`) on `images` test images (the
+        first of a seed-`seed` permutation of the eval split)."""
+        x, labels = self.images("eval", images, seed)
+        return lesion_study(self.model, self.variables, x, labels, bn=bn, units=units, ks=ks, draws=draws, seed=seed,
+                            batch_size=batch_size)
+
+    def landscape(self, *, grid, path_grid=None, images: int = 500, bn: str = "eval", seed: int = 0,
+                  batch_size: int = 250) -> dict:
+        """The loss on a filter-normalized 2-D slice around the trained weights and, with
+        `path_grid`, on the straight path from the initialization (`landscape.landscape_study`),
+        on `images` training images (the first of a seed-`seed` permutation)."""
+        x, labels = self.images("train", images, seed)
+        result = landscape_study(self.model, self.variables, x, labels, grid=grid, path_grid=path_grid,
+                                 initial_variables=self.initial_variables() if path_grid is not None else None,
+                                 seed=seed, bn=bn, chunk=batch_size)
+        return {"analysis": "landscape", "images": f"training split, first of a permutation (seed {seed}), eval "
+                "transform", **result}
+
+    def sharpness(self, *, init: bool = False, bn: str = "batch", tol: float = 1e-3, max_iter: int = 100,
+                  seed: int = 0) -> dict:
+        """The top Hessian eigenvalue on the training monitor's probe batch against the
+        stability thresholds of the learning rate at the trained step (and, with `init`, at the
+        initialization and step 0): `sharpness.sharpness_study`."""
+        x, labels = self.probe_batch()
+        rate = self.learning_rate(self.step) if self.step is not None else None
+        points = {"trained": (self.variables, self.step, rate)}
+        if init:
+            points["initialization"] = (self.initial_variables(), 0, self.learning_rate(0))
+        result = sharpness_study(self.model, x, labels, points, momentum=self.config.momentum, bn=bn, tol=tol,
+                                 max_iter=max_iter, seed=seed)
+        return {"analysis": "sharpness", "images": f"the training monitor's probe batch ({len(labels)} training "
+                f"examples, seed {self.config.seed})", **result}
+
+    def spectrum(self, *, init: bool = False, images: int = 2, units=None, bn: str = "eval", num_matvecs: int = 64,
+                 num_probes: int = 8, seed: int = 0) -> dict:
+        """Singular-value densities of Jacobians (`spectrum.spectrum_study`) on `images` test
+        images, of the trained weights and, with `init`, of the initialization."""
+        x, _ = self.images("eval", images, seed)
+        variants = {"trained": self.variables, **({"initialization": self.initial_variables()} if init else {})}
+        result = spectrum_study(self.model, variants, x, starts=units, bn=bn, num_matvecs=num_matvecs,
+                                num_probes=num_probes, seed=seed)
+        return {"analysis": "spectrum", "images": f"{images} test images (seed {seed}), eval transform", **result}
 
     def write_result(self, directory, analysis: str, result: dict, *, arguments: dict, seconds: float) -> Path:
         """Writes DIRECTORY/ANALYSIS.json, whole (an error leaves no partial file): `result` with
