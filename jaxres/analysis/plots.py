@@ -59,11 +59,11 @@ def _theory_line(ax, measurement, values, colour) -> bool:
     return drawn
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     """Writes `fig` as a PNG through a temporary file and a rename, then closes it (pyplot keeps
     every open figure alive: code that plots again and again would pile them up)."""
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
         fig.clf()
         pyplot().close(fig)

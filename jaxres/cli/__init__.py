@@ -39,7 +39,8 @@ COMMANDS = {
     "data": "list, import (offline IDX files) or prepare (TFDS download) datasets",
     "bench": "benchmarks: a training step (images/s, MFU, vs PyTorch) and the suites conv, compile, analysis, monitor",
     "analyze": "exact gradient-propagation study: plain vs residual twins at initialization",
-    "experiment": "experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs measurement)",
+    "experiment": "experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs "
+                  "measurement), twins (analyses of trained nets)",
     "inspect": "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra",
 }
 

@@ -1,6 +1,7 @@
 """`jaxres experiment degradation [--out DIR] [--quick] [--plot-only] [--models a,b] [--conditions c,d]
 [--seeds N|a,b] [--num-steps N]` and `jaxres experiment theory [--out DIR] [--quick] [--draws N]
-[--sections a,b] [--merge] [--predict-only]`: the experiments (jaxres.experiments)."""
+[--sections a,b] [--merge] [--predict-only]` and `jaxres experiment twins [--out DIR] [--nets a,b]
+[--analyses a,b] [--weights DIR] [--plot-only]`: the experiments (jaxres.experiments)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "experiment",
-        help="experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs measurement)",
+        help="experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs "
+             "measurement), twins (analyses of trained nets)",
         description="Runs a whole experiment and writes its figures and tables into --out: degradation (several "
                     "`jaxres train` runs in OUT/runs/<condition>/<model>/seed<k>; rerunning continues where it stopped, "
-                    "finished runs are not redone) or theory (the mean-field theory against measurement).",
+                    "finished runs are not redone), theory (the mean-field theory against measurement) or twins "
+                    "(lesions, loss landscapes, sharpness and Jacobian spectra of the degradation grid's trained nets).",
     )
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     degr = experiments.add_parser(
@@ -71,6 +74,46 @@ def register(subparsers) -> None:
                              "and redraw")
     theory.set_defaults(func=run_theory, on_interrupt="results.json keeps every finished section; rerun the "
                         "missing ones with --merge --sections ...")
+    twins = experiments.add_parser(
+        "twins",
+        help="lesions, loss landscapes, sharpness and Jacobian spectra of the trained plain and residual twins",
+        description="The analyses of `jaxres inspect` on the degradation grid's trained nets (seed 0 of the baseline: "
+                    "cifar_plain20/56, cifar_resnet20/56 on Fashion-MNIST), each from its weights file "
+                    "WEIGHTS/NET.safetensors with the arguments fixed in jaxres/experiments/trained_twins.py. Writes "
+                    "OUT/NET/ANALYSIS.json (the BatchNorm-batch controls OUT/NET/bn_batch/), then lesion, landscape, "
+                    "sharpness, spectrum .png and tables.md into --out from every result there. The committed "
+                    "results: experiments/results/twins (minutes to half an hour per net and analysis on 2 CPU cores).",
+        epilog="example: jaxres experiment twins --plot-only --out experiments/results/twins",
+    )
+    twins.add_argument("--out", default="runs/twins", help="output directory (default: %(default)s)")
+    twins.add_argument("--nets", default=None,
+                       help="comma-separated subset of cifar_plain20, cifar_resnet20, cifar_plain56, cifar_resnet56 "
+                            "(default: all)")
+    twins.add_argument("--analyses", default=None,
+                       help="comma-separated subset of lesion, landscape, sharpness, spectrum, lesion_bn_batch, "
+                            "landscape_bn_batch (default: the first four)")
+    twins.add_argument("--weights", default="experiments/results/twins/weights",
+                       help="directory of the NET.safetensors files (default: %(default)s)")
+    twins.add_argument("--plot-only", action="store_true",
+                       help="run nothing: redraw the figures and tables.md from the results in --out")
+    twins.add_argument("--data-dir", default="", help="TFDS data dir (default: $TFDS_DATA_DIR or "
+                       "~/tensorflow_datasets; Fashion-MNIST is imported from Debian's files when it lacks it)")
+    twins.set_defaults(func=run_twins, on_interrupt="every finished analysis is written; rerun the missing ones "
+                       "with --nets and --analyses")
+
+
+def _names(text, default) -> tuple[str, ...]:
+    """A comma-separated list of names, or `default` where the option was not given."""
+    return default if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def run_twins(args) -> int:
+    from jaxres.experiments import trained_twins
+
+    trained_twins.run_twins(args.out, nets=_names(args.nets, trained_twins.NETS),
+                            analyses=_names(args.analyses, trained_twins.DEFAULT_ANALYSES), weights_dir=args.weights,
+                            plot_only=args.plot_only, data_dir=args.data_dir)
+    return 0
 
 
 def run_theory(args) -> int:
@@ -88,11 +131,8 @@ def run(args) -> int:
 
     from jaxres.experiments import degradation
 
-    def names(text, default):
-        return default if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
-
-    models = names(args.models, degradation.MODELS)
-    conditions = names(args.conditions, degradation.CONDITIONS)
+    models = _names(args.models, degradation.MODELS)
+    conditions = _names(args.conditions, degradation.CONDITIONS)
     seeds = degradation.SEEDS if args.seeds is None else degradation.parse_seeds(args.seeds)
     if args.num_steps is not None and args.num_steps < 1:
         raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")

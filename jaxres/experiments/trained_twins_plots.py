@@ -1,9 +1,8 @@
-"""Figures and tables of the trained twins from the JSON files `jaxres inspect` wrote here.
-
-    python experiments/results/twins/figures.py   # reads */{lesion,landscape,sharpness,spectrum}.json
-
-Writes lesion.png, landscape.png, sharpness.png, spectrum.png and tables.md next to this file,
-for every net directory present (a net whose analysis is missing is left out of that figure).
+"""Figures and tables of the trained twins (`jaxres experiment twins`, `--plot-only`): from the
+JSON files `TrainedNet.write_result` wrote under OUT (OUT/NET/ANALYSIS.json, the BatchNorm
+controls in OUT/NET/bn_batch/), lesion.png, landscape.png, sharpness.png, spectrum.png and
+tables.md into OUT, for every net present (a net whose analysis is missing is left out of that
+figure and table).
 """
 
 from __future__ import annotations
@@ -11,22 +10,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from jaxres.analysis.plots import pyplot, save_figure
+from jaxres.files import write_text_atomic
 
-HERE = Path(__file__).resolve().parent
-NETS = ["cifar_plain20", "cifar_resnet20", "cifar_plain56", "cifar_resnet56"]
+NETS = ("cifar_plain20", "cifar_resnet20", "cifar_plain56", "cifar_resnet56")
 COLOURS = {"cifar_plain20": "tab:orange", "cifar_resnet20": "tab:blue", "cifar_plain56": "tab:red",
            "cifar_resnet56": "tab:purple"}
+ANALYSES = ("lesion", "bn_batch/lesion", "landscape", "bn_batch/landscape", "sharpness", "spectrum")
 
 
-def load(analysis: str) -> dict:
+def load(directory: Path, analysis: str) -> dict:
+    """{net: the result of `analysis` ("lesion", "bn_batch/lesion", ...)} for every net of
+    NETS whose DIRECTORY/NET/ANALYSIS.json exists."""
     found = {}
     for net in NETS:
-        path = HERE / net / f"{analysis}.json"
+        path = Path(directory) / net / f"{analysis}.json"
         if path.exists():
             found[net] = json.loads(path.read_text())
     return found
@@ -38,11 +38,11 @@ def pct(entry: dict) -> str:
     return f"{100 * entry['estimate']:.1f} [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}]"
 
 
-def lesion_figure(results: dict, controls: dict, lines: list) -> None:
+def lesion_figure(results: dict, controls: dict, lines: list, directory: Path) -> Path | None:
     """`controls`: the same lesions with BatchNorm on batch statistics (dashed), where present."""
     if not results:
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        return None
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
     lines += ["## Lesions", "", "Test error, % (exact on the images; [95% Wilson interval]; random sets: mean "
               "[95% t interval over the draws]).", "",
               "| net | images | intact | one unit removed: best / median / worst | k = 1 | k = 3 | k = 5 | k = max |",
@@ -75,19 +75,19 @@ def lesion_figure(results: dict, controls: dict, lines: list) -> None:
         ax.axhline(90, color="grey", lw=0.5)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "lesion.png", dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, Path(directory) / "lesion.png", dpi=110)
     lines.append("")
+    return path
 
 
-def landscape_figure(results: dict, controls: dict, lines: list) -> None:
+def landscape_figure(results: dict, controls: dict, lines: list, directory: Path) -> Path | None:
     """One row of contours per BatchNorm policy (eval: `results`; batch: `controls`), one colour
     scale for all; the last column holds the linear paths."""
     if not results:
-        return
+        return None
     rows = [("eval", results)] + ([("batch", controls)] if controls else [])
     nets = list(results)
-    fig, axes = plt.subplots(len(rows), len(nets) + 1, figsize=(4.2 * (len(nets) + 1), 3.8 * len(rows)),
+    fig, axes = pyplot().subplots(len(rows), len(nets) + 1, figsize=(4.2 * (len(nets) + 1), 3.8 * len(rows)),
                              squeeze=False)
     everything = [r for _, group in rows for r in group.values()]
     # one colour scale for every net: log10 of the loss, from the lowest centre to a common cap
@@ -126,15 +126,15 @@ def landscape_figure(results: dict, controls: dict, lines: list) -> None:
                title=f"linear path, BN {bn}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "landscape.png", dpi=100)
-    plt.close(fig)
+    path = save_figure(fig, Path(directory) / "landscape.png", dpi=100)
     lines.append("")
+    return path
 
 
-def sharpness_figure(results: dict, lines: list) -> None:
+def sharpness_figure(results: dict, lines: list, directory: Path) -> Path | None:
     if not results:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+        return None
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     lines += ["## Sharpness", "", "lambda_max of the training-loss Hessian on the monitor's probe batch "
               "(Lanczos on exact HVPs; relative Ritz residual <= tol).", "",
               "| net | when | lambda_max | residual / tol | HVPs | lr | 2/lr | (2+2 beta)/lr | loss |",
@@ -153,18 +153,18 @@ def sharpness_figure(results: dict, lines: list) -> None:
     ax.set(yscale="log", ylabel="lambda_max (black: 2/lr of the next step)", xticks=range(len(results)),
            xticklabels=list(results), title="sharpness: initialization (light) and trained")
     fig.tight_layout()
-    fig.savefig(HERE / "sharpness.png", dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, Path(directory) / "sharpness.png", dpi=110)
     lines.append("")
+    return path
 
 
-def spectrum_figure(results: dict, lines: list) -> None:
+def spectrum_figure(results: dict, lines: list, directory: Path) -> Path | None:
     """The isometry ratio m1^2/m2 per Jacobian (1: all singular values equal), initialization
     (hollow) and trained (filled): unlike the SLQ density, whose lowest node lumps every small
     singular value, it is a ratio of two unbiased estimates."""
     if not results:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+        return None
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 4), sharey=True)
     panels = [("features", "feature extractor: unit_1 .. last unit"), ("own", "a unit's own Jacobian"),
               ("logits", "d logits / d h at a unit's input")]
     for ax, (kind, title) in zip(axes, panels):
@@ -185,8 +185,7 @@ def spectrum_figure(results: dict, lines: list) -> None:
     axes[0].set_ylabel("isometry m1^2/m2 (1: all sigma equal)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(HERE / "spectrum.png", dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, Path(directory) / "spectrum.png", dpi=110)
     lines += ["## Jacobian spectra", "", "isometry = m1^2 / m2 of the squared singular values (1: all equal; ratio "
               "of unbiased estimates [95% bootstrap over probes, a guide]); mean sigma^2 = ||J||_F^2 / n [95% t over "
               "probes]; quantiles of log10 sigma (SLQ estimate [95% bootstrap over probes; quadrature error not "
@@ -214,22 +213,24 @@ def spectrum_figure(results: dict, lines: list) -> None:
                              f"{m['ci_high']:.3g}] | {e['sigma_max']['estimate']:.3g} | {q(qs['q10'])} | {q(qs['q50'])} | "
                              f"{q(qs['q90'])} | {100 * e['null_share']['estimate']:.1f}% |")
     lines.append("")
+    return path
 
 
-def main() -> None:
-    lines = ["# Tables of the trained twins (generated by figures.py)", ""]
-    lesion_figure(load("lesion"), load("bn_batch/lesion"), lines)
-    landscape_figure(load("landscape"), load("bn_batch/landscape"), lines)
-    sharpness_figure(load("sharpness"), lines)
-    spectrum_figure(load("spectrum"), lines)
+def write_outputs(directory) -> list[Path]:
+    """Draws every figure that has results under DIRECTORY and writes tables.md; returns the
+    paths written."""
+    directory = Path(directory)
+    lines = ["# Tables of the trained twins (generated by `jaxres experiment twins`)", ""]
+    written = [lesion_figure(load(directory, "lesion"), load(directory, "bn_batch/lesion"), lines, directory),
+               landscape_figure(load(directory, "landscape"), load(directory, "bn_batch/landscape"), lines,
+                                directory),
+               sharpness_figure(load(directory, "sharpness"), lines, directory),
+               spectrum_figure(load(directory, "spectrum"), lines, directory)]
     lines += ["## Wall times", "", "| net | analysis | wall time | load average (1, 5, 15 min) at the end |",
               "|---|---|---|---|"]
-    for analysis in ("lesion", "bn_batch/lesion", "landscape", "bn_batch/landscape", "sharpness", "spectrum"):
-        for net, r in load(analysis).items():
+    for analysis in ANALYSES:
+        for net, r in load(directory, analysis).items():
             lines.append(f"| {net} | {analysis} | {r['wall_time_s']:.0f} s | "
                          f"{', '.join(f'{v:.1f}' for v in r['load_average'])} |")
-    (HERE / "tables.md").write_text("\n".join(lines) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    written.append(write_text_atomic(directory / "tables.md", "\n".join(lines) + "\n"))
+    return [p for p in written if p is not None]
