@@ -114,10 +114,13 @@ class UnitOps:
         # routines, which cache compiled code per function object.
         self.map = lambda params, h: self.fn(params[0], params[1], h)
 
-    def op(self, kind: str, build: Callable[[Callable, Callable], Callable]) -> Callable:
-        """The compiled op `kind`, built once per distinct unit by `build(fn, capture_fn)`."""
+    def op(self, kind: str, build: Callable[[Callable, Callable], Callable], compiler_options=None) -> Callable:
+        """The compiled op `kind`, built once per distinct unit by `build(fn, capture_fn)`;
+        `compiler_options` for XLA (default `COMPILER_OPTIONS`; `{}`: XLA's defaults, for
+        analyses whose run time outweighs their compile time)."""
         if kind not in self.ops:
-            self.ops[kind] = jax.jit(build(self.fn, self.capture_fn), compiler_options=COMPILER_OPTIONS)
+            options = COMPILER_OPTIONS if compiler_options is None else compiler_options
+            self.ops[kind] = jax.jit(build(self.fn, self.capture_fn), compiler_options=options)
         return self.ops[kind]
 
 
@@ -161,8 +164,8 @@ class Segment:
         """Input and output have the same shape (not a stride-2/widening transition, the stem or the head)."""
         return self.in_shape == self.out_shape
 
-    def op(self, kind: str, build) -> Callable:
-        return self.ops.op(kind, build)
+    def op(self, kind: str, build, compiler_options=None) -> Callable:
+        return self.ops.op(kind, build, compiler_options)
 
     @property
     def params(self):

@@ -11,7 +11,9 @@ dataset and seed come from that config; the data from its dataset (`--data-dir` 
 - `sharpness`: the top Hessian eigenvalue on the monitor's probe batch vs 2/learning-rate
   (Cohen et al. 2021);
 - `spectrum`: singular-value densities of d logits/d h and of the feature extractor's Jacobian
-  by stochastic Lanczos quadrature (Pennington et al. 2017).
+  by stochastic Lanczos quadrature (Pennington et al. 2017);
+- `paths`: a residual net's loss gradient split exactly by path length (the number of residual
+  branches a path goes through), beside Veit et al.'s sampled estimate (Veit et al. 2016, Fig. 6).
 
 Each writes `ANALYSIS.json` into `--out` (written whole at the end: an error leaves no partial
 file) with the arguments, the wall time and the load average, and prints a table in which
@@ -32,8 +34,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from jaxres.train.trained_net import TrainedNet
 
-HELP = "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra"
-ANALYSES = ("export", "lesion", "landscape", "sharpness", "spectrum")
+HELP = "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra, gradient paths"
+ANALYSES = ("export", "lesion", "landscape", "sharpness", "spectrum", "paths")
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -80,8 +82,13 @@ def run_spectrum(args, net: TrainedNet) -> dict:
                         bn=args.bn, num_matvecs=args.num_matvecs, num_probes=args.num_probes, seed=args.seed)
 
 
+def run_paths(args, net: TrainedNet) -> dict:
+    return net.paths(images=args.images, split=args.split, bn=args.bn, draws=args.draws, batch_size=args.batch_size,
+                     chunk=args.chunk, seed=args.seed)
+
+
 RUNNERS = {"export": run_export, "lesion": run_lesion, "landscape": run_landscape, "sharpness": run_sharpness,
-           "spectrum": run_spectrum}
+           "spectrum": run_spectrum, "paths": run_paths}
 
 
 def _interval(entry: dict, scale: float = 1.0, digits: int = 3) -> str:
@@ -143,7 +150,37 @@ def format_table(analysis: str, result: dict) -> str:
                 lines.append(f"  {label:<28} {_interval(q['q10'])} / {_interval(q['q50'])} / {_interval(q['q90'])}; "
                              f"mean sigma^2 {_interval(r['mean_sq_singular_value'])}; isometry m1^2/m2 "
                              f"{_interval(r['isometry'])}; null {100 * r['null_share']['estimate']:.1f}%")
+    elif analysis == "paths":
+        lines += _paths_table(result)
     return "\n".join(lines)
+
+
+def _paths_table(r: dict) -> list[str]:
+    exact, sampled = r["exact"], r["sampled"]
+    lines = [f"gradient of each image's loss at the input of {r['residual_units'][0]} (the residual stack), by path "
+             f"length k = residual branches passed; {r['num_residual_units']} residual units, {r['num_images']} "
+             f"images, BatchNorm {r['bn']}",
+             "  exact: ||g_k||, mean over the images [95% t]; truncation: ||g - sum_{j<=k} g_j|| / ||g||, mean; "
+             f"Veit: one path's ||g||, mean over {r['draws_per_k']} (path, image) draws [95% t]; total = C(n, k) x it",
+             f"  {'k':>3} {'C(n,k)/2^n':>10} {'exact ||g_k||':>30} {'truncation':>10} {'Veit per path':>30} "
+             f"{'Veit total':>10}"]
+    for k in r["k"]:
+        def at(entry, i=k):
+            return {key: value[i] for key, value in entry.items()}
+
+        lines.append(f"  {k:>3} {r['path_share'][k]:>10.3g} {_interval(at(exact['norm_stack'])):>30} "
+                     f"{exact['truncation']['estimate'][k]:>10.3g} {_interval(at(sampled['per_path'])):>30} "
+                     f"{sampled['total']['estimate'][k]:>10.3g}")
+
+    def reach(entry):
+        return ", ".join(f"{100 * float(level):g}% by k = {k}" for level, k in entry.items())
+
+    lines += [f"  cumulative share of sum_k ||g_k|| (exact): {reach(exact['k_reaching'])}",
+              f"  cumulative share of Veit's total: {reach(sampled['k_reaching'])}",
+              f"  the paths themselves, C(n,k)/2^n: {reach(r['path_distribution_reaching'])}",
+              f"  check: ||sum_k g_k - g|| / ||g|| <= {r['check']['max_relative_difference_stack']:.1e}, g the ordinary "
+              f"gradient"]
+    return lines
 
 
 def run(args) -> int:
@@ -190,10 +227,13 @@ def check_arguments(args) -> None:
         from jaxres.analysis.sharpness import check_tolerance
 
         check_tolerance(args.tol, args.max_iter)
-    for name in ("images", "batch_size", "draws", "num_matvecs", "num_probes"):
+    for name in ("images", "batch_size", "draws", "num_matvecs", "num_probes", "chunk"):
         value = getattr(args, name, 1)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.analysis == "paths" and args.images % args.batch_size and args.images > args.batch_size:
+        raise ValueError(f"--images ({args.images}) must be a multiple of --batch-size ({args.batch_size}): every "
+                         f"batch has the shape the units are compiled for")
 
 
 def register(subparsers) -> None:
@@ -243,4 +283,15 @@ def register(subparsers) -> None:
     p.add_argument("--num-matvecs", type=int, default=64, help="Golub-Kahan steps per probe (default: %(default)s)")
     p.add_argument("--num-probes", type=int, default=8, help="Rademacher probes (default: %(default)s)")
     p.add_argument("--init", action="store_true", help="also at the initialization (rebuilt from the config's seed)")
+
+    p = common("paths", "a residual net's loss gradient by path length, exact and Veit et al.'s estimate (Veit et "
+               "al. 2016, Fig. 6)", "eval")
+    p.add_argument("--images", type=int, default=64, help="images (default: %(default)s)")
+    p.add_argument("--split", default="eval", choices=("eval", "train"),
+                   help="the config's test (eval) or training split (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per batch; it divides --images (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="random paths of each length per image, for Veit et al.'s estimate (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=8, help="cotangents per compiled call (default: %(default)s)")
     parser.set_defaults(func=run)

@@ -10,7 +10,7 @@ checked by `jaxres.analysis.restore`), the images from the config's dataset.
     images, labels = net.images("eval", 500)   # or any analysis on the model and its variables
     lesion_study(net.model, net.variables, images, labels)
 
-Its methods `lesion`, `landscape`, `sharpness` and `spectrum` run the analyses of `jaxres
+Its methods `lesion`, `landscape`, `sharpness`, `spectrum` and `paths` run the analyses of `jaxres
 inspect` (and `jaxres experiment twins`), each on the images it is defined on, and return the
 JSON-ready dict; `write_result` writes one as ANALYSIS.json.
 
@@ -32,6 +32,7 @@ from jaxres import data
 from jaxres.analysis.landscape import landscape_study
 from jaxres.analysis.lesion import lesion_study
 from jaxres.analysis.monitor import json_safe
+from jaxres.analysis.paths import path_study
 from jaxres.analysis.restore import check_variables, is_weights_file, restore_variables, stored_config
 from jaxres.analysis.sharpness import sharpness_study
 from jaxres.analysis.spectrum import spectrum_study
@@ -150,6 +151,18 @@ class TrainedNet:
         result = spectrum_study(self.model, variants, x, starts=units, bn=bn, num_matvecs=num_matvecs,
                                 num_probes=num_probes, seed=seed)
         return {"analysis": "spectrum", "images": f"{images} test images (seed {seed}), eval transform", **result}
+
+    def paths(self, *, images: int = 64, split: str = "eval", bn: str = "eval", draws: int = 1, batch_size: int = 16,
+              chunk: int = 8, seed: int = 0) -> dict:
+        """A residual net's per-example loss gradient split exactly by path length, beside Veit
+        et al.'s sampled estimate (`paths.path_study`), on `images` images of `split` ("eval":
+        test, or "train"; the first of a seed-`seed` permutation); a ValueError for a plain net."""
+        x, labels = self.images(split, images, seed)
+        result = path_study(self.model, self.variables, x, labels, bn=bn, draws=draws, seed=seed,
+                            batch_size=batch_size, chunk=chunk, model_name=self.config.model)
+        name = {"eval": "test", "train": "training"}[split]
+        return {"images": f"{images} {name} images (the first of a seed-{seed} permutation), eval transform",
+                **result}
 
     def write_result(self, directory, analysis: str, result: dict, *, arguments: dict, seconds: float) -> Path:
         """Writes DIRECTORY/ANALYSIS.json, whole (an error leaves no partial file): `result` with
