@@ -13,6 +13,7 @@ import pytest
 from jax import lax
 
 import jaxres.models.conv as conv_module
+from jaxres.models import onednn_conv
 from jaxres.models.conv import NHWC, _chunk, _taps_pay_off, conv_general_dilated, kernel_gradient_rule
 
 CASES = [  # (batch, side, c_in, c_out, kernel, stride, pad): every conv shape the zoo uses
@@ -24,6 +25,13 @@ CASES = [  # (batch, side, c_in, c_out, kernel, stride, pad): every conv shape t
     (2, 7, 3, 5, 1, 2, 0),  # projection shortcut, odd side
     (2, 6, 3, 4, 1, 3, 1),  # 1x1 with padding and a stride that leaves pixels out (none in the zoo)
 ]
+
+
+@pytest.fixture(autouse=True)
+def xla_convolutions(monkeypatch):
+    """These tests are of jaxres's rules around XLA's convolution (values bit for bit XLA's):
+    the optional oneDNN path (tests/test_models_onednn.py) is switched off where installed."""
+    monkeypatch.setenv(onednn_conv.SWITCH, "0")
 
 
 def _rules(kernel):  # "matmul" exists for 1x1 kernels only

@@ -42,7 +42,7 @@ STEP_DEFAULTS = {
 }
 SUITE_OPTIONS = {
     "step": set(STEP_DEFAULTS),
-    "conv": {"repeats", "only"},
+    "conv": {"repeats", "only", "onednn"},
     "compile": {"batch_size", "variants"},
     "analysis": {"batch_size", "repeats", "chunks", "only"},
     "monitor": {"batch_size", "steps", "repeats", "probe_sizes", "bns", "unit_jacobians", "every", "run_steps"},
@@ -237,6 +237,10 @@ def register(subparsers) -> None:
     shared.add_argument("--only", metavar="NAMES",
                         help="conv, analysis: run only the cases whose label contains one of these comma-separated "
                         "strings (conv: e.g. k1 or 8x56x56; analysis: e.g. lanczos,power)")
+
+    conv = parser.add_argument_group("conv suite")
+    conv.add_argument("--onednn", action="store_true", default=argparse.SUPPRESS,
+                      help="also time oneDNN's convolutions through XLA's FFI (needs the jaxres[onednn] extra)")
 
     step = parser.add_argument_group("step suite")
     step.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="compute dtype (params stay float32)")

@@ -22,6 +22,11 @@ own rules, each measured on a 2-core x86 CPU (`jaxres bench --suite conv`, `jaxr
 Numerics equal XLA's to float tolerance (only the summation order differs). Used on CPU only:
 on GPU/TPU the vendor kernels are fast and this would not be. Anything but plain NHWC/HWIO
 convolutions (dilation, groups, other layouts) goes to XLA as is.
+
+Where the optional `jaxres[onednn]` extra is installed, plain float32 CPU convolutions go to
+oneDNN's instead, forward and both gradients (`jaxres.models.onednn_conv`; JAXRES_ONEDNN=0
+keeps them here): on the CIFAR ResNet shapes its convolutions took less than half XLA's time
+(docs/scale.md). bfloat16 and the rest stay with the rules above.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxres.models import onednn_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 CHUNK_BYTES = 512 << 10  # a chunk of input images this large stays in L2 while its taps are summed
@@ -58,6 +65,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     padding = tuple(tuple(p) for p in padding)
+    if (lhs.dtype == rhs.dtype == jnp.float32 and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+            and onednn_conv.enabled()):
+        return onednn_conv.conv(lhs, rhs, window_strides, padding)
     out_pixels = math.prod((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s
                            in zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides))
     return _conv(_materialized(lhs), rhs, tuple(window_strides), padding, precision,
