@@ -16,7 +16,7 @@ COMMITTED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "t
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(nets=("cifar_plain20", "cifar_plain110")), "unknown nets cifar_plain110; valid: cifar_plain20"),
-    (dict(analyses=("lesion", "paths")), "unknown analyses paths; valid: lesion, landscape"),
+    (dict(analyses=("lesion", "hessian")), "unknown analyses hessian; valid: lesion, landscape"),
     (dict(analyses=()), "nothing to run: name one or more analyses of lesion"),
 ])
 def test_bad_names_are_refused_before_any_work(tmp_path, kwargs, message):
@@ -56,10 +56,23 @@ def test_an_analysis_writes_what_jaxres_inspect_writes(tmp_path):
     assert "| cifar_plain20 | trained | features unit_1..unit_3 |" in (tmp_path / "out" / "tables.md").read_text()
 
 
+def test_a_plain_net_gets_no_gradient_paths(tmp_path):
+    """The gradient by path length is defined for residual nets only: a plain net skips it."""
+    from test_inspect_cli import write_weights
+
+    (tmp_path / "weights").mkdir()
+    write_weights(tmp_path / "weights" / "cifar_plain20.safetensors")
+    reports = []
+    trained_twins.run_twins(tmp_path / "out", nets=("cifar_plain20",), analyses=("paths",),
+                            weights_dir=tmp_path / "weights", report=reports.append)
+    assert "== cifar_plain20 paths: skipped (only for cifar_resnet20, cifar_resnet56)" in reports
+    assert not (tmp_path / "out" / "cifar_plain20" / "paths.json").exists()
+
+
 def test_plot_only_regenerates_the_committed_tables(tmp_path):
     for net in trained_twins.NETS:
         shutil.copytree(COMMITTED / net, tmp_path / net)
     assert main(["experiment", "twins", "--plot-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "tables.md").read_text() == (COMMITTED / "tables.md").read_text()
     assert {p.name for p in tmp_path.glob("*.png")} == {"lesion.png", "landscape.png", "sharpness.png",
-                                                        "spectrum.png"}
+                                                        "spectrum.png", "paths.png"}

@@ -286,24 +286,26 @@ def sample_branches(n: int, ks, draws: int, num: int, rng) -> np.ndarray:
     return rows
 
 
-def path_study(model, variables, images, labels, *, bn: str = "eval", draws: int = 4, seed: int = 0,
+def path_study(model, variables, images, labels, *, bn: str = "eval", draws: int = 1, seed: int = 0,
                batch_size: int = 16, chunk: int = 8, model_name: str = "this net",
                cache: SegmentCache | None = None) -> dict:
     """The gradient of the per-example cross-entropy by path length, exact and as Veit et al.
     estimate it, on `images`.
 
     images: float NHWC (N, H, W, C); labels: int (N,); bn: BatchNorm policy (`segments`; "eval"
-    keeps examples apart, as the per-example norms assume); draws: random paths per length k
+    keeps examples apart, so each image's gradient is its own loss's; "batch" couples them: an
+    image's row of the gradient of the batch's summed loss); draws: random paths per length k
     and image (Veit et al.'s estimate; seed `seed`); batch_size: images per batch (it must
-    divide their number); chunk: cotangents per compiled call. Bad arguments, and a net without residual units, raise ValueError before
-    any gradient is taken.
+    divide their number); chunk: cotangents per compiled call. Bad arguments raise ValueError
+    before any gradient is taken, and a net without residual units before any but the one VJP
+    per unit that finds the shortcuts.
 
     Returns a JSON-ready dict. Per k = 0..n (n residual units): `paths` C(n, k) and
     `path_share` C(n, k) / 2^n (exact); `exact.norm_stack` and `exact.norm_input` the mean over
     the images of ||g_k|| at the residual stack's input and at the net's input [t interval over
     images]; `exact.truncation` the mean relative error ||g - sum_{j<=k} g_j|| / ||g||; the
     cumulative shares of sum_k ||g_k||; `sampled.per_path` the mean gradient norm through one
-    path of length k and `sampled.total` C(n, k) times it (Veit et al. Fig. 6a and 6b, with
+    path of length k and `sampled.total` C(n, k) times it (Veit et al. Fig. 6b and 6c, with
     intervals over the draws), and its cumulative share; `check` the largest relative
     difference between sum_k g_k and the ordinary VJP.
     """
@@ -366,7 +368,9 @@ def path_study(model, variables, images, labels, *, bn: str = "eval", draws: int
         "num_residual_units": n, "measured_at": {
             "stack": f"the input of {residual[0]} (the residual stack's input: every path starts there)",
             "input": "the net's input (the image), through the units before the stack"},
-        "loss": "per-example cross-entropy, each example's own gradient (eval-mode BatchNorm keeps them apart)",
+        "loss": ("per-example cross-entropy, each example's own gradient (eval-mode BatchNorm keeps them apart)"
+                 if bn == "eval" else "the batch's summed cross-entropy (batch statistics couple the examples); "
+                 "norms of each example's rows"),
         "k": list(range(n + 1)), "paths": counts.tolist(), "path_share": path_share.tolist(),
         "exact": {"method": EXACT, "norm_stack": exact_stack, "norm_input": _interval(input_norms.T),
                   "full_norm_stack": _interval(np.concatenate(full_norms)),

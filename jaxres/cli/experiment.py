@@ -76,12 +76,14 @@ def register(subparsers) -> None:
                         "missing ones with --merge --sections ...")
     twins = experiments.add_parser(
         "twins",
-        help="lesions, loss landscapes, sharpness and Jacobian spectra of the trained plain and residual twins",
+        help="lesions, loss landscapes, sharpness, Jacobian spectra and gradient paths of the trained plain and "
+             "residual twins",
         description="The analyses of `jaxres inspect` on the degradation grid's trained nets (seed 0 of the baseline: "
                     "cifar_plain20/56, cifar_resnet20/56 on Fashion-MNIST), each from its weights file "
                     "WEIGHTS/NET.safetensors with the arguments fixed in jaxres/experiments/trained_twins.py. Writes "
-                    "OUT/NET/ANALYSIS.json (the BatchNorm-batch controls OUT/NET/bn_batch/), then lesion, landscape, "
-                    "sharpness, spectrum .png and tables.md into --out from every result there. The committed "
+                    "OUT/NET/ANALYSIS.json (the BatchNorm-batch controls OUT/NET/bn_batch/; paths: the residual nets "
+                    "only), then lesion, landscape, sharpness, spectrum, paths .png and tables.md into --out from "
+                    "every result there. The committed "
                     "results: experiments/results/twins (minutes to half an hour per net and analysis on 2 CPU cores).",
         epilog="example: jaxres experiment twins --plot-only --out experiments/results/twins",
     )
@@ -90,8 +92,8 @@ def register(subparsers) -> None:
                        help="comma-separated subset of cifar_plain20, cifar_resnet20, cifar_plain56, cifar_resnet56 "
                             "(default: all)")
     twins.add_argument("--analyses", default=None,
-                       help="comma-separated subset of lesion, landscape, sharpness, spectrum, lesion_bn_batch, "
-                            "landscape_bn_batch (default: the first four)")
+                       help="comma-separated subset of lesion, landscape, sharpness, spectrum, paths, lesion_bn_batch, "
+                            "landscape_bn_batch (default: the first five)")
     twins.add_argument("--weights", default="experiments/results/twins/weights",
                        help="directory of the NET.safetensors files (default: %(default)s)")
     twins.add_argument("--plot-only", action="store_true",

@@ -1,5 +1,6 @@
-"""The trained twins (issue 22): lesions, loss landscapes, sharpness and Jacobian spectra of the
-degradation grid's trained nets, run as `jaxres experiment twins`.
+"""The trained twins (issue 22): lesions, loss landscapes, sharpness, Jacobian spectra and (the
+residual nets) the gradient by path length of the degradation grid's trained nets, run as
+`jaxres experiment twins`.
 
 The nets are seed 0 of the degradation baseline (cifar_plain20/56, cifar_resnet20/56 on
 Fashion-MNIST), exported with their training config as weights files
@@ -12,7 +13,8 @@ tables.md from every JSON file present under OUT.
 
 Wall time on the shared 2-core CPU (load 4-7; experiments/results/twins/tables.md): from under a
 minute (cifar_resnet20's sharpness) to 14 minutes (cifar_plain56's spectra) per analysis and net,
-about 1.6 hours for the four default analyses of all four nets; `--plot-only` takes seconds.
+about 1.6 hours for lesion, landscape, sharpness and spectrum of all four nets; the gradient paths
+of the two residual nets 51 s and 132 s (load 12-14); `--plot-only` takes seconds.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ ANALYSES = {
     "landscape": ("landscape", "", {"grid": "-1:1:15", "path_grid": "-0.25:1.25:13", "images": 500}),
     "sharpness": ("sharpness", "", {"init": True, "tol": 1e-3, "max_iter": 100}),  # the monitor's probe batch
     "spectrum": ("spectrum", "", {"init": True, "images": 2, "num_matvecs": 64, "num_probes": 8}),
+    "paths": ("paths", "", {"images": 128, "batch_size": 16, "draws": 1}),  # test images; residual nets only
     # controls: BatchNorm recomputes its statistics on each batch of 250 images
     "lesion_bn_batch": ("lesion", "bn_batch", {"images": 2000, "draws": 5, "bn": "batch"}),
     "landscape_bn_batch": ("landscape", "bn_batch", {"grid": "-1:1:15", "path_grid": "-0.25:1.25:13",
                                                      "images": 500, "bn": "batch"}),
 }
-DEFAULT_ANALYSES = ("lesion", "landscape", "sharpness", "spectrum")
+DEFAULT_ANALYSES = ("lesion", "landscape", "sharpness", "spectrum", "paths")
+# analyses defined for some nets only: a plain net has no paths through residual branches
+ONLY_FOR = {"paths": ("cifar_resnet20", "cifar_resnet56")}
 
 
 def _checked(names, valid, what: str) -> tuple[str, ...]:
@@ -83,6 +88,9 @@ def run_twins(out_dir, *, nets=NETS, analyses=DEFAULT_ANALYSES, weights_dir=WEIG
             if net.config.dataset == DATASET:  # the grid's: import Debian's Fashion-MNIST files where it is missing
                 net.config.data_dir = ensure_dataset(net.config.data_dir, report)
             for name in analyses:
+                if net_name not in ONLY_FOR.get(name, (net_name,)):
+                    report(f"== {net_name} {name}: skipped (only for {', '.join(ONLY_FOR[name])})")
+                    continue
                 method, subdirectory, options = ANALYSES[name]
                 report(f"== {net_name} {name}")
                 start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Figures and tables of the trained twins (`jaxres experiment twins`, `--plot-only`): from the
 JSON files `TrainedNet.write_result` wrote under OUT (OUT/NET/ANALYSIS.json, the BatchNorm
-controls in OUT/NET/bn_batch/), lesion.png, landscape.png, sharpness.png, spectrum.png and
-tables.md into OUT, for every net present (a net whose analysis is missing is left out of that
+controls in OUT/NET/bn_batch/), lesion.png, landscape.png, sharpness.png, spectrum.png, paths.png
+and tables.md into OUT, for every net present (a net whose analysis is missing is left out of that
 figure and table).
 """
 
@@ -18,7 +18,7 @@ from jaxres.files import write_text_atomic
 NETS = ("cifar_plain20", "cifar_resnet20", "cifar_plain56", "cifar_resnet56")
 COLOURS = {"cifar_plain20": "tab:orange", "cifar_resnet20": "tab:blue", "cifar_plain56": "tab:red",
            "cifar_resnet56": "tab:purple"}
-ANALYSES = ("lesion", "bn_batch/lesion", "landscape", "bn_batch/landscape", "sharpness", "spectrum")
+ANALYSES = ("lesion", "bn_batch/lesion", "landscape", "bn_batch/landscape", "sharpness", "spectrum", "paths")
 
 
 def load(directory: Path, analysis: str) -> dict:
@@ -216,6 +216,69 @@ def spectrum_figure(results: dict, lines: list, directory: Path) -> Path | None:
     return path
 
 
+def paths_figure(results: dict, lines: list, directory: Path) -> Path | None:
+    """Veit et al.'s Fig. 6 for each residual net: the paths' length distribution, one path's
+    gradient norm by length (their estimate), the gradient by length - their total C(n, k) x
+    it beside the exact ||g_k||, each as a share of its sum over k (the absolute numbers are in
+    the table: their total is far larger) - and how fast the partial sums reach the gradient."""
+    if not results:
+        return None
+    fig, axes = pyplot().subplots(1, 4, figsize=(17, 3.8))
+    lines += ["## Gradient by path length", "", "The gradient of each test image's cross-entropy at the residual "
+              "stack's input (unit_1's input). Exact: ||g_k||, g_k the part through the paths of exactly k residual "
+              "branches (sum_k g_k = g), mean over the images [95% t interval over the images]; truncation: "
+              "||g - sum_{j<=k} g_j|| / ||g||, mean over the images. Veit et al.'s estimate: one random path's "
+              "||gradient|| on one image, mean over the (path, image) draws [95% t interval over the draws, clipped "
+              "at 0], and C(n, k) times it, their total.", "",
+              "| net | n | images | draws per k | 50 / 90 / 99 % of sum_k ‖g_k‖ by k = | 50 / 90 / 99 % of Veit's "
+              "total by k = | 50 / 90 / 99 % of the paths by k = | per-path decay per branch | check |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    per_k = []
+    for net, r in results.items():
+        k, colour = np.asarray(r["k"]), COLOURS[net]
+        exact, per_path, total = r["exact"]["norm_stack"], r["sampled"]["per_path"], r["sampled"]["total"]
+        axes[0].plot(k, r["path_share"], "o-", ms=3, color=colour, label=f"{net} (n = {r['num_residual_units']})")
+        for ax, entry, scale in ((axes[1], per_path, 1.0), (axes[2], total, np.sum(total["estimate"]))):
+            low = np.asarray(entry["ci_low"]) / scale
+            ax.plot(k, np.asarray(entry["estimate"]) / scale, "o-", ms=3, color=colour, label=f"{net}, Veit's estimate")
+            ax.fill_between(k, np.where(low > 0, low, np.nan), np.asarray(entry["ci_high"]) / scale, color=colour,
+                            alpha=0.2, lw=0)  # no band where the interval reaches 0 (log scale in (b))
+        axes[2].plot(k, np.asarray(exact["estimate"]) / np.sum(exact["estimate"]), "s--", ms=3, color=colour,
+                     label=f"{net}, exact ||g_k||")
+        axes[3].plot(k[:-1], r["exact"]["truncation"]["estimate"][:-1], "o-", ms=3, color=colour, label=net)
+
+        def reach(entry):
+            return " / ".join(str(entry[level]) for level in ("0.5", "0.9", "0.99"))
+
+        lines.append(f"| {net} | {r['num_residual_units']} | {r['num_images']} | {r['draws_per_k']} | "
+                     f"{reach(r['exact']['k_reaching'])} | {reach(r['sampled']['k_reaching'])} | "
+                     f"{reach(r['path_distribution_reaching'])} | {r['sampled']['decay_per_branch']:.3f} | "
+                     f"{r['check']['max_relative_difference_stack']:.1e} |")
+        per_k += ["", f"{net}:", "", "| k | C(n,k)/2^n | exact ‖g_k‖ | truncation | Veit: one path | Veit: total |",
+                  "|---|---|---|---|---|---|"]
+        for i in k:
+            def ci(entry, i=i):
+                return f"{entry['estimate'][i]:.3g} [{entry['ci_low'][i]:.3g}, {entry['ci_high'][i]:.3g}]"
+
+            per_k.append(f"| {i} | {r['path_share'][i]:.3g} | {ci(exact)} | "
+                         f"{r['exact']['truncation']['estimate'][i]:.3g} | {ci(per_path)} | {ci(total)} |")
+    lines += per_k
+    axes[0].set(xlabel="path length k (residual branches)", ylabel="share of the 2^n paths",
+                title="(a) path lengths, C(n, k) / 2^n")
+    axes[1].set(yscale="log", xlabel="path length k", ylabel="||gradient|| through one path",
+                title="(b) one path (Veit's estimate, 95% t)")
+    axes[2].set(xlabel="path length k", ylabel="share of the sum over k",
+                title="(c) by length: C(n,k) x (b), and exact ||g_k||")
+    axes[3].set(yscale="log", xlabel="k", ylabel="||g - sum_{j<=k} g_j|| / ||g||",
+                title="(d) exact: paths of length <= k")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = save_figure(fig, Path(directory) / "paths.png", dpi=110)
+    lines.append("")
+    return path
+
+
 def write_outputs(directory) -> list[Path]:
     """Draws every figure that has results under DIRECTORY and writes tables.md; returns the
     paths written."""
@@ -225,7 +288,8 @@ def write_outputs(directory) -> list[Path]:
                landscape_figure(load(directory, "landscape"), load(directory, "bn_batch/landscape"), lines,
                                 directory),
                sharpness_figure(load(directory, "sharpness"), lines, directory),
-               spectrum_figure(load(directory, "spectrum"), lines, directory)]
+               spectrum_figure(load(directory, "spectrum"), lines, directory),
+               paths_figure(load(directory, "paths"), lines, directory)]
     lines += ["## Wall times", "", "| net | analysis | wall time | load average (1, 5, 15 min) at the end |",
               "|---|---|---|---|"]
     for analysis in ANALYSES:
