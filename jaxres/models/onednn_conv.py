@@ -76,10 +76,8 @@ def _build() -> pathlib.Path:
     library = _dist_file(LIBRARY_DIST, "libdnnl.so.3")
     include, lib_dir = header.parent.parent.parent, library.parent
     compiler = os.environ.get("CXX", "g++")
-    import jaxlib
-
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), str(include).encode(), str(library).encode(),
+    key = hashlib.sha256()  # the FFI headers are jaxlib's
+    for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(), str(include).encode(), str(library).encode(),
                  compiler.encode(), str(library.stat().st_size).encode()):
         key.update(part)
     target = cache_dir() / f"libjaxres_onednn_conv-{key.hexdigest()[:16]}.so"
