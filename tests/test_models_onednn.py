@@ -135,6 +135,25 @@ def test_a_training_step_matches_xla(monkeypatch):
         _close(a, b, rtol=1e-4)  # through BatchNorm's normalization: differences grow a little
 
 
+@needs_onednn
+def test_the_handlers_are_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = onednn_conv._build()
+    assert built.parent == tmp_path / "jaxres" / "onednn" and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert onednn_conv._build() == built and built.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no half-written file left
+
+
+@needs_onednn
+def test_a_missing_compiler_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(onednn_conv.Unavailable, match="cannot run the C\\+\\+ compiler .*no-such-g\\+\\+"):
+        onednn_conv._build()
+    assert list((tmp_path / "jaxres" / "onednn").iterdir()) == []
+
+
 def test_other_convolutions_stay_with_xla(onednn_on):
     """bf16, grouped and dilated convolutions never go to oneDNN (it is float32, plain only)."""
     x = jax.random.normal(jax.random.key(0), (2, 7, 7, 4))
