@@ -75,10 +75,12 @@ def _build() -> pathlib.Path:
     header = _dist_file(HEADERS_DIST, "include/oneapi/dnnl/dnnl.hpp")
     library = _dist_file(LIBRARY_DIST, "libdnnl.so.3")
     include, lib_dir = header.parent.parent.parent, library.parent
+    if sys.platform != "linux":  # (the wheels are Linux-only; a copy installed by other means)
+        raise Unavailable(f"the oneDNN path is built for Linux; this is {sys.platform}")
     compiler = os.environ.get("CXX", "g++")
     key = hashlib.sha256()  # the FFI headers are jaxlib's
-    for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(), str(include).encode(), str(library).encode(),
-                 compiler.encode(), str(library.stat().st_size).encode()):
+    for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(), str(include).encode(),
+                 str(library).encode(), compiler.encode(), str(library.stat().st_size).encode()):
         key.update(part)
     target = cache_dir() / f"libjaxres_onednn_conv-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -111,8 +113,6 @@ def _load() -> str | None:
     with _lock:
         if "reason" not in _state:
             try:
-                if sys.platform != "linux":
-                    raise Unavailable(f"the oneDNN path is built for Linux; this is {sys.platform}")
                 lib = ctypes.CDLL(str(_build()))
                 for target in TARGETS.values():
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
