@@ -178,3 +178,20 @@ def test_unavailable_means_xla(monkeypatch):
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     assert not onednn_conv.enabled() and onednn_conv.unavailable_reason() == "not here"
     assert not _uses_onednn(lambda x, w: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC), x, w)
+
+
+@needs_onednn
+def test_the_conv_suite_times_onednn_beside_xla():
+    from jaxres.bench import conv_rules
+
+    (row,) = conv_rules.bench_conv_rules(repeats=1, onednn=True, shapes=[(2, 8, 4, 8, 3, 2)])
+    assert set(conv_rules.ONEDNN_COLUMNS) <= set(row["ms_median"]) and row["onednn_rel_diff"] < 1e-5
+    assert "oneDNN" in conv_rules.format_rows([row]).splitlines()[-1]
+
+
+def test_the_conv_suite_says_why_onednn_is_missing(monkeypatch):
+    from jaxres.bench import conv_rules
+
+    monkeypatch.setattr(onednn_conv, "_state", {"reason": "not here"})
+    with pytest.raises(ValueError, match="--onednn times oneDNN's CPU convolutions, unavailable here: not here"):
+        list(conv_rules.bench_conv_rules(repeats=1, onednn=True, shapes=[(2, 8, 4, 8, 3, 2)]))
