@@ -41,7 +41,7 @@ COMMANDS = {
     "analyze": "exact gradient-propagation study: plain vs residual twins at initialization",
     "experiment": "experiments: degradation (He et al. 2015 Fig. 1/6/7, with interventions), theory (mean field vs "
                   "measurement), twins (analyses of trained nets)",
-    "inspect": "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra",
+    "inspect": "analyses of a trained net: lesions, loss landscape, sharpness, Jacobian spectra, gradient paths",
 }
 
 # The optional-dependency extra (pyproject.toml) that installs each importable package a command

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         description="Runs a whole experiment and writes its figures and tables into --out: degradation (several "
                     "`jaxres train` runs in OUT/runs/<condition>/<model>/seed<k>; rerunning continues where it stopped, "
                     "finished runs are not redone), theory (the mean-field theory against measurement) or twins "
-                    "(lesions, loss landscapes, sharpness and Jacobian spectra of the degradation grid's trained nets).",
+                    "(lesions, loss landscapes, sharpness, Jacobian spectra and gradient paths of the degradation "
+                    "grid's trained nets).",
     )
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     degr = experiments.add_parser(
