@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxres.analysis.plots import pyplot, save_figure
 from jaxres.files import write_text_atomic
+from jaxres.train.trained_net import result_path
 
 NETS = ("cifar_plain20", "cifar_resnet20", "cifar_plain56", "cifar_resnet56")
 COLOURS = {"cifar_plain20": "tab:orange", "cifar_resnet20": "tab:blue", "cifar_plain56": "tab:red",
@@ -26,7 +27,7 @@ def load(directory: Path, analysis: str) -> dict:
     NETS whose DIRECTORY/NET/ANALYSIS.json exists."""
     found = {}
     for net in NETS:
-        path = Path(directory) / net / f"{analysis}.json"
+        path = result_path(Path(directory) / net, analysis)
         if path.exists():
             found[net] = json.loads(path.read_text())
     return found

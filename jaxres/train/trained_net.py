@@ -55,6 +55,12 @@ def trained_step(path) -> int | None:
     return None
 
 
+def result_path(directory, analysis: str) -> Path:
+    """Where `TrainedNet.write_result` puts the result of `analysis` under `directory` (the one
+    place that spells the file's name: readers ask here)."""
+    return Path(directory) / f"{analysis}.json"
+
+
 class TrainedNet:
     """A trained net as the analyses see it: `model` (units one by one), `variables` (checked
     against the model), the training `config` (an ml_collections ConfigDict), its dataset
@@ -171,7 +177,7 @@ class TrainedNet:
         record = {**result, "checkpoint": self.path, "model": self.config.model, "dataset": self.config.dataset,
                   "arguments": arguments, "wall_time_s": seconds, "load_average": list(os.getloadavg()),
                   "cpu_count": os.cpu_count()}
-        path = Path(directory) / f"{analysis}.json"
+        path = result_path(directory, analysis)
         write_text_atomic(path, json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
         return path
 
