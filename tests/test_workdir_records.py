@@ -105,6 +105,34 @@ def test_a_grid_run_killed_at_its_final_eval_line_is_retrained_not_called_finish
     degradation.run_degradation(out, report=lines.append, **grid)
     assert any("finished (2 steps)" in str(line) and "not retrained" in str(line) for line in lines), lines
 
+    # A later sitting on another machine starts from the committed small files, no checkpoints.
+    fresh = tmp_path / "fresh"
+    copy = fresh / "runs" / "baseline" / "cifar_plain8" / "seed0"
+    copy.mkdir(parents=True)
+    for name in ("metrics.jsonl", "analysis.jsonl", "config.json"):
+        shutil.copy(workdir / name, copy / name)
+    lines.clear()
+    degradation.run_degradation(fresh, report=lines.append, **grid)
+    assert any("finished (2 steps)" in str(line) and "not retrained" in str(line) for line in lines), lines
+    assert not (copy / "checkpoints").exists()
+    # Without the final step's gradient record (written only after the final checkpoint) nothing
+    # proves the run got that far: it is not taken as finished.
+    kept = [r for r in read_jsonl(copy / "analysis.jsonl") if r["step"] != steps]
+    (copy / "analysis.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with Workdir(copy) as wd:
+        assert not wd.finished_records_only(config) and not wd.finished(config)
+
+
+def test_records_without_checkpoints_are_not_a_finished_run_when_no_monitor_record_proves_it(tmp_path):
+    # Without the gradient monitor the final step's records are eval lines, written before the
+    # final checkpoint: a run killed between them would look finished.
+    config = tiny_config(eval_every_steps=2, train_eval_examples=8)
+    tmp_path.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"step": config.num_steps, "split": split, "loss": 1.0}) + "\n" for split in ("eval", "train_eval")))
+    with Workdir(tmp_path) as wd:
+        assert wd.records_at(config.num_steps) == {"eval", "train_eval"}
+        assert not wd.finished_records_only(config) and not wd.finished(config)
+
 
 # -- the logs a workdir hands out --------------------------------------------------------------
 

@@ -128,12 +128,16 @@ def ensure_dataset(data_dir: str, report=print) -> str:
 def progress(workdir: Path, config) -> tuple[bool, int | None]:
     """(finished, step of the latest checkpoint or None) of the run of `config` in `workdir`:
     finished when its final checkpoint and that step's records are on disk (`Workdir.finished`),
-    not when an eval line says so (one is written just before the checkpoint it belongs to)."""
+    not when an eval line says so (one is written just before the checkpoint it belongs to); or
+    when only the small files of a finished run are there (`Workdir.finished_records_only`: the
+    committed runs copied into a new OUT), the step then being `config.num_steps`."""
     from jaxres.workdir import Workdir
 
     if not workdir.is_dir():
         return False, None
     with Workdir(workdir) as wd:
+        if wd.finished_records_only(config):
+            return True, config.num_steps
         return wd.finished(config), wd.latest_step()
 
 

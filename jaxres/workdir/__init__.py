@@ -213,6 +213,17 @@ class Workdir(CheckpointStore):
         step = self.latest_step()
         return step is not None and step >= schedule.num_steps and schedule.wanted(step) <= self.records_at(step)
 
+    def finished_records_only(self, config) -> bool:
+        """Whether this holds the small files of a finished run whose checkpoints were removed (the
+        degradation grid commits metrics.jsonl, analysis.jsonl and config.json, and a later sitting
+        on another machine starts from those): no checkpoint at all, and the final step has every
+        record it must have, one of them a gradient-monitor record, which is written only after the
+        final checkpoint was saved. Without the monitor no record proves that, so this is False."""
+        schedule = RecordSchedule.from_config(config)
+        wanted = schedule.wanted(schedule.num_steps)
+        return (self.latest_step() is None and any(name.startswith("analysis:") for name in wanted)
+                and wanted <= self.records_at(schedule.num_steps))
+
     def record_write_failed(self, err: OSError, step: int) -> RecordWriteError:
         """The error that ends a run whose record at `step` could not be written (`err` names the
         file): it names the latest intact checkpoint, from which a rerun remakes the records."""
