@@ -187,3 +187,22 @@ def test_training_step_program_does_not_grow_with_depth():
 
     assert top_level_ops(3, True) == top_level_ops(12, True)
     assert top_level_ops(12, False) > top_level_ops(3, False)
+
+
+def widest_fusion(n: int) -> int:
+    """The most operands any activation-shaped fusion (an array of the batch's 4 examples) of the
+    compiled training step of tiny(n) reads (the optimizer's fusions grow with the parameters)."""
+    state = create_train_state(tiny(n), optax.sgd(0.1, momentum=0.9), jax.random.PRNGKey(0), X.shape)
+    batch = {"image": X, "label": jnp.zeros(4, jnp.int32)}
+    hlo = jax.jit(train_step).lower(state, batch).compile().as_text()
+    return max(line.split(" fusion(", 1)[1].split(")", 1)[0].count("%")
+               for line in hlo.splitlines() if re.search(r"= f32\[4,\d+,\d+,\d+\]\S* fusion\(", line))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the unit outputs are materialized on XLA:CPU only")
+def test_no_fusion_of_the_training_step_recomputes_earlier_units():
+    # Each unit's output is computed once (models.conv.materialized_on_cpu). Without that, XLA:CPU
+    # fused every earlier unit's BatchNorm, residual add and ReLU of a stage into each later unit's
+    # output fusion, so the widest fusion grew with the units per stage (here 30 -> 45 operands
+    # from 2 to 6 units; cifar_resnet56: 50): quadratic work in depth.
+    assert widest_fusion(6) == widest_fusion(2)

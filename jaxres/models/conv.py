@@ -74,6 +74,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                  kernel_gradient_rule(rhs.shape, out_pixels))
 
 
+def materialized_on_cpu(x):
+    """x, computed once into a buffer on XLA:CPU (`_materialized`); x itself on other backends.
+
+    For a unit's output, the residual stream: XLA:CPU otherwise fused each unit's BatchNorm,
+    residual add and ReLU into every later unit's output fusion, so unit k of a stage recomputed
+    units 1..k (quadratic in depth; in cifar_resnet56's first stage the last such fusion read 50
+    arrays). The values are unchanged: x / 1 is exact."""
+    return _materialized(x) if jax.default_backend() == "cpu" else x
+
+
 def _materialized(x):
     """x, computed once into a buffer that every consumer reads.
 

@@ -28,6 +28,7 @@ import jax
 from flax import linen as nn
 
 from jaxres.choices import closest_names
+from jaxres.models.conv import materialized_on_cpu
 from jaxres.models.layers import probe
 from jaxres.models.scan_layout import identical_runs, is_stacked, locate_run
 
@@ -144,7 +145,7 @@ class UnitModel(nn.Module):
                 if capture:
                     outputs.update(features)
             else:
-                x = probe(self, f"out_{spec.name}", x, probes)
+                x = probe(self, f"out_{spec.name}", materialized_on_cpu(x), probes)
             if capture:
                 outputs[spec.name] = x
         return (x, outputs) if capture else x
