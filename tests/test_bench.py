@@ -101,6 +101,24 @@ def test_side_by_side_rounds_alternate_and_summarize():
     assert "cifar_resnet20" in format_table([row], "a", "b")
 
 
+def test_sides_need_distinct_names_before_any_worker_starts():
+    from jaxres.bench.side_by_side import Side, interleaved_sides
+
+    with pytest.raises(ValueError, match="distinct names"):
+        interleaved_sides([Side("jax"), Side("jax")], {"model": "cifar_resnet20"}, rounds=1)
+    with pytest.raises(ValueError, match="two or more sides"):
+        interleaved_sides([Side("jax")], {"model": "cifar_resnet20"}, rounds=1)
+
+
+def test_onednn_side_by_side_without_the_extra_says_how_to_install_it(capsys):
+    from jaxres.models import onednn_conv
+
+    if onednn_conv.available():
+        pytest.skip("the oneDNN extra is installed here (tests/test_models_onednn.py runs the comparison)")
+    assert main(["bench", "cifar_resnet20", "--onednn"]) == 2
+    assert "pip install -e '.[onednn]'" in capsys.readouterr().err
+
+
 def test_a_failing_worker_raises_with_its_stderr():
     from jaxres.bench.side_by_side import Side, interleaved
 

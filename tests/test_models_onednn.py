@@ -195,3 +195,23 @@ def test_the_conv_suite_says_why_onednn_is_missing(monkeypatch):
     monkeypatch.setattr(onednn_conv, "_state", {"reason": "not here"})
     with pytest.raises(ValueError, match="--onednn times oneDNN's CPU convolutions, unavailable here: not here"):
         list(conv_rules.bench_conv_rules(repeats=1, onednn=True, shapes=[(2, 8, 4, 8, 3, 2)]))
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_bench_times_onednn_and_xla_side_by_side(tmp_path, capsys):
+    # `jaxres bench MODEL --onednn`: two worker processes, one with each convolution path, the
+    # order rotated round by round; each worker says which path its step used.
+    import json
+
+    from jaxres.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "cifar_resnet20", "--batch-size", "2", "--steps", "3", "--warmup", "0", "--onednn",
+                 "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["onednn"]["onednn"] is True and row["xla"]["onednn"] is False
+    pair = row["pairs"]["onednn/xla"]
+    assert len(pair["ratios"]) == 3 == len(row["onednn"]["step_s"]) == len(row["xla"]["step_s"])
+    assert pair["ratios"] == pytest.approx([a / b for a, b in zip(row["onednn"]["step_s"], row["xla"]["step_s"])])
+    assert "onednn/xla min/med" in capsys.readouterr().out

@@ -83,7 +83,7 @@ def summary(side: Side, ready: dict, steps: list[dict], end: dict) -> dict:
     walls = [s["wall_s"] for s in steps]
     busy = [s["cpu_s"] / s["wall_s"] for s in steps]
     return {
-        **{k: ready[k] for k in ("framework", "python", "executable", "jaxres", "first_s") if k in ready},
+        **{k: ready[k] for k in ("framework", "python", "executable", "jaxres", "first_s", "onednn") if k in ready},
         "step_s_min": min(walls), "step_s_median": statistics.median(walls), "step_s": walls,
         "cores_busy_median": statistics.median(busy), "cores_busy_min": min(busy), "cores_busy_max": max(busy),
         "baseline_mb": ready["baseline_bytes"] / MB, "peak_mb": end["peak_bytes"] / MB,
@@ -95,31 +95,64 @@ def interleaved(a: Side, b: Side, spec: dict, rounds: int) -> dict:
     """Times `rounds` steps of each side, alternating A B / B A, on the step `spec` describes
     (model, batch_size, input_size, num_classes, dtype, mode, warmup, ...); returns one row
     with per-side summaries under a.name and b.name and the per-round ratios A/B."""
+    row = interleaved_sides([a, b], spec, rounds)
+    pair = row.pop("pairs")[f"{a.name}/{b.name}"]
+    return {**row, "ratio": f"{a.name}/{b.name}", "ratio_min": pair["min"], "ratio_median": pair["median"],
+            "ratios": pair["ratios"]}
+
+
+def interleaved_sides(sides: list[Side], spec: dict, rounds: int) -> dict:
+    """`interleaved` for two or more sides: round r runs them in the order rotated by r (A B C,
+    B C A, C A B, ...), so each side is first, middle and last equally often; returns one row with
+    per-side summaries under each side's name and, under "pairs", the per-round ratios of every
+    pair "X/Y" (X before Y in `sides`) with their min and median."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}")
+    names = [side.name for side in sides]
+    if len(sides) < 2 or len(set(names)) < len(names):
+        raise ValueError(f"side by side needs two or more sides with distinct names; got {names}")
     load_before = os.getloadavg()
     workers = []
     try:
-        for side in (a, b):  # one after the other: neither compiles while the other warms up
+        for side in sides:  # one after the other: none compiles while another warms up
             workers.append(Worker(side, spec))
-        wa, wb = workers
-        steps = {a.name: [], b.name: []}
+        steps = {name: [] for name in names}
         for r in range(rounds):
-            for w in ((wa, wb) if r % 2 == 0 else (wb, wa)):
+            shift = r % len(workers)
+            for w in workers[shift:] + workers[:shift]:
                 steps[w.side.name].append(w.ask("step"))
         ends = [w.ask("quit") for w in workers]
     finally:
         for w in workers:
             w.close()
-    ratios = [x["wall_s"] / y["wall_s"] for x, y in zip(steps[a.name], steps[b.name])]
+    pairs = {}
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            ratios = [u["wall_s"] / v["wall_s"] for u, v in zip(steps[x], steps[y])]
+            pairs[f"{x}/{y}"] = {"min": min(ratios), "median": statistics.median(ratios), "ratios": ratios}
     return {
         **{k: spec[k] for k in ("model", "mode", "batch_size", "input_size", "dtype") if k in spec},
-        "rounds": rounds, "ratio": f"{a.name}/{b.name}", "ratio_min": min(ratios),
-        "ratio_median": statistics.median(ratios), "ratios": ratios,
-        "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
-        a.name: summary(a, wa.ready, steps[a.name], ends[0]),
-        b.name: summary(b, wb.ready, steps[b.name], ends[1]),
+        "rounds": rounds, "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
+        **{side.name: summary(side, w.ready, steps[side.name], end) for side, w, end in zip(sides, workers, ends)},
+        "pairs": pairs,
     }
+
+
+def format_sides_table(rows: list[dict], names: list[str]) -> str:
+    """Rows of `interleaved_sides` as a text table: each side's step time and cores busy, then
+    every pair's ratio (min / median)."""
+    pairs = [f"{x}/{y}" for i, x in enumerate(names) for y in names[i + 1:]]
+    header = (f"{'model':<16} {'mode':<9} {'batch':>5} " + " ".join(f"{n + ' ms min/med':>17}" for n in names)
+              + " " + " ".join(f"{p + ' min/med':>21}" for p in pairs) + f" {'cores ' + '/'.join(names):>22}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        busy = "/".join(format(r[n]["cores_busy_median"], ".2f") for n in names)
+        lines.append(
+            f"{r['model']:<16} {r['mode']:<9} {r['batch_size']:>5} "
+            + " ".join(f"{1e3 * r[n]['step_s_min']:>8.0f}/{1e3 * r[n]['step_s_median']:<8.0f}" for n in names) + " "
+            + " ".join(f"{r['pairs'][p]['min']:>16.2f}/{r['pairs'][p]['median']:<4.2f}" for p in pairs)
+            + f" {busy:>22} (n={r['rounds']})")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], a: str = "jax", b: str = "torch") -> str:

@@ -79,8 +79,11 @@ def jax_runner(spec: dict):
         carried[0], metrics = setup.step(carried[0], setup.batch)
         jax.block_until_ready((carried[0], metrics))
 
+    from jaxres.models import onednn_conv
+
     return step, {"framework": f"jax {jax.__version__}", "baseline_bytes": baseline,
-                  "input_size": setup.input_size, "device": jax.devices()[0].device_kind}
+                  "input_size": setup.input_size, "device": jax.devices()[0].device_kind,
+                  "onednn": onednn_conv.enabled() if jax.default_backend() == "cpu" else False}
 
 
 def torch_runner(spec: dict):

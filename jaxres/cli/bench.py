@@ -39,10 +39,11 @@ STEP_DEFAULTS = {
     "batch_size": 128, "steps": 10, "dtype": "float32", "driver": "single", "warmup": 2, "input_size": None,
     "peak_tflops": None, "scan": False, "remat": False, "mode": "train", "torch": False,
     "torch_python": sys.executable, "jax_python": sys.executable, "pipeline": None, "data_dir": None,
+    "onednn": False,
 }
 SUITE_OPTIONS = {
     "step": set(STEP_DEFAULTS),
-    "conv": {"repeats", "only", "onednn"},
+    "conv": {"repeats", "only", "onednn"},  # step takes --onednn too (STEP_DEFAULTS)
     "compile": {"batch_size", "variants"},
     "analysis": {"batch_size", "repeats", "chunks", "only"},
     "monitor": {"batch_size", "steps", "repeats", "probe_sizes", "bns", "unit_jacobians", "every", "run_steps"},
@@ -97,13 +98,23 @@ def execution_overrides(args) -> dict:
 
 
 def side_by_side(args, overrides: dict) -> list[dict]:
-    """--torch: each framework in a worker process of its own, steps interleaved."""
-    from jaxres.bench.side_by_side import Side, format_table, interleaved
-    from jaxres.models import model_card
+    """--torch: each framework in a worker process of its own, steps interleaved; --onednn: jaxres
+    with oneDNN's convolutions and with XLA's as two sides (and PyTorch as a third with --torch)."""
+    from jaxres.bench.side_by_side import Side, format_sides_table, format_table, interleaved, interleaved_sides
+    from jaxres.models import model_card, onednn_conv
 
-    for python in (args.jax_python, args.torch_python):
+    for python in (args.jax_python, *([args.torch_python] if args.torch else [])):
         if shutil.which(python) is None:
             raise ValueError(f"no Python at {python!r}: pass --jax-python/--torch-python PATH to an interpreter")
+    if args.onednn:
+        reason = onednn_conv.unavailable_reason()
+        if reason:
+            raise ValueError(f"--onednn: oneDNN's convolutions are unavailable here ({reason}); "
+                             f"pip install -e '.[onednn]'")
+        sides = [Side("jax", args.jax_python, env={onednn_conv.SWITCH: "1"}, label="onednn"),
+                 Side("jax", args.jax_python, env={onednn_conv.SWITCH: "0"}, label="xla")]
+        sides += [Side("torch", args.torch_python)] if args.torch else []
+        return _sides_by_model(args, overrides, sides, interleaved_sides, format_sides_table)
     jax_side, torch_side = Side("jax", args.jax_python), Side("torch", args.torch_python)
     rows = []
     print(f"each framework in its own process, {args.steps} rounds of steps alternating jax torch / torch jax, "
@@ -132,6 +143,26 @@ def with_step_defaults(args):
     return args
 
 
+def _sides_by_model(args, overrides: dict, sides, interleaved_sides, format_sides_table) -> list[dict]:
+    """--onednn: every model's step on each of `sides`, the order rotated round by round."""
+    from jaxres.models import model_card
+
+    names = [side.name for side in sides]
+    print(f"{' / '.join(names)}, each in its own process, {args.steps} rounds of steps in rotated order, after "
+          f"1 + {args.warmup} warm-up steps; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs", flush=True)
+    rows = []
+    for name in args.models:
+        card = model_card(name)
+        spec = {"model": name, "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
+                "input_size": args.input_size or card.input_size, "num_classes": card.num_classes,
+                "warmup": args.warmup, "driver": args.driver, "overrides": overrides}
+        rows.append(interleaved_sides(sides, spec, rounds=args.steps))
+        print(format_sides_table(rows[-1:], names), flush=True)
+    for n in names:
+        print(f"{n}: {rows[0][n]['framework']} on Python {rows[0][n]['python']} ({rows[0][n]['executable']})")
+    return rows
+
+
 def step_suite(args) -> list[dict]:
     """The training step of each model (or --torch side by side), then --pipeline."""
     from jaxres.bench.train_step import bench_train_step, format_rows
@@ -139,7 +170,7 @@ def step_suite(args) -> list[dict]:
     args = with_step_defaults(args)
     overrides = execution_overrides(args)
     rows = []
-    if args.torch:
+    if args.torch or args.onednn:
         rows = side_by_side(args, overrides)
     else:
         print(format_rows([]), flush=True)
@@ -238,9 +269,10 @@ def register(subparsers) -> None:
                         help="conv, analysis: run only the cases whose label contains one of these comma-separated "
                         "strings (conv: e.g. k1 or 8x56x56; analysis: e.g. lanczos,power)")
 
-    conv = parser.add_argument_group("conv suite")
-    conv.add_argument("--onednn", action="store_true", default=argparse.SUPPRESS,
-                      help="also time oneDNN's convolutions through XLA's FFI (needs the jaxres[onednn] extra)")
+    shared.add_argument("--onednn", action="store_true",
+                        help="needs the jaxres[onednn] extra. conv: also time oneDNN's convolutions through XLA's "
+                        "FFI; step: time jaxres with oneDNN's convolutions and with XLA's side by side, each in "
+                        "its own process, steps in rotated order (with --torch, PyTorch as a third side)")
 
     step = parser.add_argument_group("step suite")
     step.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="compute dtype (params stay float32)")

@@ -41,6 +41,9 @@ def _jaxpr_macs(jaxpr) -> int:
             out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
             out_features_dim = eqn.params["dimension_numbers"].rhs_spec[0]
             total += math.prod(out.shape) * math.prod(rhs.shape) // rhs.shape[out_features_dim]
+        elif name == "onednn_conv_forward":  # the jaxres[onednn] path: (NHWC x, HWIO kernel) -> NHWC y
+            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
+            total += math.prod(out.shape) * math.prod(rhs.shape[:3])
         elif name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval
