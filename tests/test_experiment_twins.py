@@ -76,3 +76,39 @@ def test_plot_only_regenerates_the_committed_tables(tmp_path):
     assert (tmp_path / "tables.md").read_text() == (COMMITTED / "tables.md").read_text()
     assert {p.name for p in tmp_path.glob("*.png")} == {"lesion.png", "landscape.png", "sharpness.png",
                                                         "spectrum.png", "paths.png"}
+
+
+def write_training_run(directory: Path, net: str, values: dict, *, killed: dict | None = None) -> None:
+    """A training workdir's metrics.jsonl with "sharpness" lines: `values` step -> lambda_max
+    (learning rate 0.1 up to step 4, then 0.01; momentum 0.9); `killed` lines of an attempt
+    killed after step 2, before a restart from step 2."""
+    def line(step, value):
+        lr = 0.1 if step <= 4 else 0.01
+        return {"step": step, "split": "sharpness", "lambda_max": value, "residual": 1e-4, "iterations": 9,
+                "converged": 1, "loss": 1.0, "learning_rate": lr, "threshold_gd": 2 / lr,
+                "threshold_momentum": 3.8 / lr}
+    records = [{"step": 0, "split": "event", "start": True}]
+    records += [line(s, v) for s, v in values.items() if s <= 2]
+    if killed:
+        records += [line(s, v) for s, v in killed.items()]
+        records.append({"step": 2, "split": "event", "start": True})
+    records += [line(s, v) for s, v in values.items() if s > 2]
+    workdir = directory / net / "training"
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_sharpness_during_training_is_read_against_the_thresholds_of_each_step(tmp_path):
+    from jaxres.experiments import trained_twins_plots as plots
+
+    write_training_run(tmp_path, "cifar_plain20", {0: 10.0, 2: 30.0, 4: 50.0, 8: 40.0}, killed={4: 999.0})
+    write_training_run(tmp_path, "cifar_resnet20", {0: 40.0, 2: 20.0, 4: 19.0, 8: 5.0})
+    curves = plots.load_sharpness_training(tmp_path)
+    assert [r["lambda_max"] for r in curves["cifar_plain20"]] == [10.0, 30.0, 50.0, 40.0]  # killed attempt dropped
+    lines = []
+    assert plots.sharpness_training_figure(curves, lines, tmp_path).name == "sharpness_training.png"
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| cifar")}
+    # first learning rate 0.1: 2/lr = 20, (2 + 2 x 0.9)/lr = 38
+    assert rows["cifar_plain20"][3] == "2.5 (4)" and rows["cifar_plain20"][4] == "1.32"
+    assert rows["cifar_resnet20"][3] == "2 (0)" and rows["cifar_resnet20"][5] == "40 / 5"
+    assert (tmp_path / "sharpness_training.png").stat().st_size > 0

@@ -1,7 +1,8 @@
 """Figures and tables of the trained twins (`jaxres experiment twins`, `--plot-only`): from the
 JSON files `TrainedNet.write_result` wrote under OUT (OUT/NET/ANALYSIS.json, the BatchNorm
-controls in OUT/NET/bn_batch/), lesion.png, landscape.png, sharpness.png, spectrum.png, paths.png
-and tables.md into OUT, for every net present (a net whose analysis is missing is left out of that
+controls in OUT/NET/bn_batch/), and from the training runs with sharpness recorded (OUT/NET/training/,
+metrics.jsonl): lesion.png, landscape.png, sharpness.png, sharpness_training.png, spectrum.png,
+paths.png and tables.md into OUT, for every net present (a net whose analysis is missing is left out of that
 figure and table).
 """
 
@@ -19,6 +20,7 @@ from jaxres.train.trained_net import result_path
 NETS = ("cifar_plain20", "cifar_resnet20", "cifar_plain56", "cifar_resnet56")
 COLOURS = {"cifar_plain20": "tab:orange", "cifar_resnet20": "tab:blue", "cifar_plain56": "tab:red",
            "cifar_resnet56": "tab:purple"}
+TRAINING = "training"  # DIRECTORY/NET/training: a twin trained again with sharpness recorded (load_sharpness_training)
 ANALYSES = ("lesion", "bn_batch/lesion", "landscape", "bn_batch/landscape", "sharpness", "spectrum", "paths")
 
 
@@ -159,6 +161,66 @@ def sharpness_figure(results: dict, lines: list, directory: Path) -> Path | None
     return path
 
 
+def load_sharpness_training(directory) -> dict[str, list[dict]]:
+    """NET -> the "sharpness" lines (one per step, the current attempt's) of the training run in
+    DIRECTORY/NET/TRAINING: `jaxres train --config degradation:NET --config.analysis_sharpness=N
+    --workdir DIRECTORY/NET/training`, the monitor recording lambda_max on its schedule."""
+    from jaxres.experiments.degradation_results import current_attempt, latest
+    from jaxres.files import read_jsonl
+    from jaxres.workdir import Workdir
+
+    found = {}
+    for net in NETS:
+        workdir = Path(directory) / net / TRAINING
+        metrics = Workdir(workdir).metrics_path if workdir.is_dir() else None
+        lines = latest(current_attempt(read_jsonl(metrics)), "split", "sharpness") if metrics and metrics.is_file() else []
+        if lines:
+            found[net] = lines
+    return found
+
+
+def sharpness_training_figure(curves: dict, lines: list, directory: Path) -> Path | None:
+    """lambda_max against the step for each twin trained with the monitor recording it, beside
+    Cohen et al.'s thresholds 2/lr and (2 + 2 momentum)/lr of each step's learning rate."""
+    from jaxres.analysis.sharpness import DEFAULT_TOL
+
+    if not curves:
+        return None
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
+    for net, records in curves.items():
+        steps = [r["step"] for r in records]
+        ax.plot(steps, [r["lambda_max"] for r in records], "o-", ms=3, color=COLOURS[net], label=net)
+    reference = max(curves.values(), key=len)
+    steps = [r["step"] for r in reference]
+    ax.step(steps, [r["threshold_gd"] for r in reference], "k--", where="post", lw=1, label="2 / lr")
+    ax.step(steps, [r["threshold_momentum"] for r in reference], "k:", where="post", lw=1,
+            label="(2 + 2 momentum) / lr")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set(yscale="log", xlabel="step (linear below 10, logarithmic above)", ylabel="lambda_max on the probe batch",
+           title="sharpness during training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = save_figure(fig, Path(directory) / "sharpness_training.png", dpi=110)
+    lines += ["## Sharpness during training", "",
+              "lambda_max of the training-loss Hessian on the monitor's probe batch at each measured step "
+              f"(Lanczos on exact HVPs to a relative Ritz residual <= {DEFAULT_TOL:g}; not converged: the steps "
+              "that did not reach it), over Cohen et al.'s thresholds of that step's learning rate, 2/lr and "
+              "(2 + 2 momentum)/lr, in the phase of the first (largest) learning rate.", "",
+              "| net | steps measured | not converged | max lambda_max / (2/lr), first lr (at step) "
+              "| max lambda_max / ((2+2m)/lr), first lr | lambda_max at the first / last step | HVPs, median |",
+              "|---|---|---|---|---|---|---|"]
+    for net, records in curves.items():
+        first = [r for r in records if r["learning_rate"] >= 0.99 * max(x["learning_rate"] for x in records)]
+        top = max(first, key=lambda r: r["lambda_max"] / r["threshold_gd"])
+        hvps = sorted(r["iterations"] for r in records)[len(records) // 2]
+        lines.append(f"| {net} | {len(records)} ({records[0]['step']}-{records[-1]['step']}) | "
+                     f"{sum(not r['converged'] for r in records)} | {top['lambda_max'] / top['threshold_gd']:.3g} "
+                     f"({top['step']}) | {max(r['lambda_max'] / r['threshold_momentum'] for r in first):.3g} | "
+                     f"{records[0]['lambda_max']:.4g} / {records[-1]['lambda_max']:.4g} | {hvps} |")
+    lines.append("")
+    return path
+
+
 def spectrum_figure(results: dict, lines: list, directory: Path) -> Path | None:
     """The isometry ratio m1^2/m2 per Jacobian (1: all singular values equal), initialization
     (hollow) and trained (filled): unlike the SLQ density, whose lowest node lumps every small
@@ -289,6 +351,7 @@ def write_outputs(directory) -> list[Path]:
                landscape_figure(load(directory, "landscape"), load(directory, "bn_batch/landscape"), lines,
                                 directory),
                sharpness_figure(load(directory, "sharpness"), lines, directory),
+               sharpness_training_figure(load_sharpness_training(directory), lines, directory),
                spectrum_figure(load(directory, "spectrum"), lines, directory),
                paths_figure(load(directory, "paths"), lines, directory)]
     lines += ["## Wall times", "", "| net | analysis | wall time | load average (1, 5, 15 min) at the end |",
