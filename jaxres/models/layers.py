@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxres.choices import pick
+from jaxres.models.batchnorm import BatchNorm
 from jaxres.models.conv import conv_general_dilated
 
 Array = jax.Array
@@ -111,7 +112,7 @@ def norm_def(norm: str, train: bool, momentum: float, epsilon: float, dtype, par
     if norm == "none":
         return None
     return functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         momentum=momentum,
         epsilon=epsilon,

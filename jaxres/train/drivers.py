@@ -108,7 +108,7 @@ def make_driver(kind: str = "sharded", *, label_smoothing: float = 0.0, devices=
 
     def mapped(fn, out_specs):
         # check_vma=False: the outputs *are* replicated (pmean'd), which shard_map cannot infer
-        # through Flax's BatchNorm; out_specs=P() states it.
+        # through BatchNorm (jaxres.models.batchnorm); out_specs=P() states it.
         return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs, check_vma=False)
 
     return Driver(

@@ -113,7 +113,7 @@ LEAVES = {
         "bias": ("params", "bias", SAME),
         "running_mean": ("batch_stats", "mean", SAME),
         "running_var": ("batch_stats", "var", SAME),
-        # Flax's BatchNorm keeps no step counter; torch reads it only when momentum=None.
+        # BatchNorm (jaxres.models.batchnorm, Flax's variables) keeps no step counter; torch reads it only when momentum=None.
         "num_batches_tracked": DROPPED,
     },
     "linear": {"weight": ("params", "kernel", LINEAR), "bias": ("params", "bias", SAME)},
