@@ -166,3 +166,14 @@ def test_train_eval_scores_a_fixed_training_subset_in_eval_mode_at_every_evaluat
     expected = run.evaluate(state, data.SourceSubset(run.train_source, indices))
     assert lines[-1]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert lines[-1]["accuracy"] == expected["accuracy"] == summary["train_eval"]["accuracy"]
+
+
+def test_measuring_sharpness_leaves_the_training_bitwise_unchanged(analysed, tmp_path):
+    # The Hessian of the probe batch's loss is taken on the same state the step trains; nothing
+    # of it may reach the parameters, the BatchNorm statistics or the data order.
+    config = analysis_config(analysis_sharpness=20)
+    train_and_evaluate(config, tmp_path, **QUIET)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "sharpness"] == [0, 2, 4]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                     final_tree(tmp_path, config, 4)[0],
+                                     final_tree(analysed[0], analysis_config(), 4)[0]))
