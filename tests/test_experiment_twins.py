@@ -75,7 +75,7 @@ def test_plot_only_regenerates_the_committed_tables(tmp_path):
     assert main(["experiment", "twins", "--plot-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "tables.md").read_text() == (COMMITTED / "tables.md").read_text()
     assert {p.name for p in tmp_path.glob("*.png")} == {"lesion.png", "landscape.png", "sharpness.png",
-                                                        "spectrum.png", "paths.png"}
+                                                        "sharpness_training.png", "spectrum.png", "paths.png"}
 
 
 def write_training_run(directory: Path, net: str, values: dict, *, killed: dict | None = None) -> None:
