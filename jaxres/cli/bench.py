@@ -100,8 +100,8 @@ def execution_overrides(args) -> dict:
 def side_by_side(args, overrides: dict) -> list[dict]:
     """--torch: each framework in a worker process of its own, steps interleaved; --onednn: jaxres
     with oneDNN's convolutions and with XLA's as two sides (and PyTorch as a third with --torch)."""
-    from jaxres.bench.side_by_side import Side, format_sides_table, format_table, interleaved, interleaved_sides
-    from jaxres.models import model_card, onednn_conv
+    from jaxres.bench.side_by_side import Side, format_table, interleaved
+    from jaxres.models import onednn_conv
 
     for python in (args.jax_python, *([args.torch_python] if args.torch else [])):
         if shutil.which(python) is None:
@@ -114,18 +114,14 @@ def side_by_side(args, overrides: dict) -> list[dict]:
         sides = [Side("jax", args.jax_python, env={onednn_conv.SWITCH: "1"}, label="onednn"),
                  Side("jax", args.jax_python, env={onednn_conv.SWITCH: "0"}, label="xla")]
         sides += [Side("torch", args.torch_python)] if args.torch else []
-        return _sides_by_model(args, overrides, sides, interleaved_sides, format_sides_table)
+        return _sides_by_model(args, overrides, sides)
     jax_side, torch_side = Side("jax", args.jax_python), Side("torch", args.torch_python)
     rows = []
     print(f"each framework in its own process, {args.steps} rounds of steps alternating jax torch / torch jax, "
           f"after 1 + {args.warmup} warm-up steps; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs",
           flush=True)
     for name in args.models:
-        card = model_card(name)
-        spec = {"model": name, "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
-                "input_size": args.input_size or card.input_size, "num_classes": card.num_classes,
-                "warmup": args.warmup, "driver": args.driver, "overrides": overrides}
-        rows.append(interleaved(jax_side, torch_side, spec, rounds=args.steps))
+        rows.append(interleaved(jax_side, torch_side, _worker_spec(args, name, overrides), rounds=args.steps))
         print(format_table(rows[-1:]), flush=True)
     sides = {s: rows[0][s] for s in ("jax", "torch")}
     for s, summary in sides.items():
@@ -143,20 +139,26 @@ def with_step_defaults(args):
     return args
 
 
-def _sides_by_model(args, overrides: dict, sides, interleaved_sides, format_sides_table) -> list[dict]:
-    """--onednn: every model's step on each of `sides`, the order rotated round by round."""
+def _worker_spec(args, name: str, overrides: dict) -> dict:
+    """What a side-by-side worker builds: model `name`'s step as the arguments ask."""
     from jaxres.models import model_card
+
+    card = model_card(name)
+    return {"model": name, "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
+            "input_size": args.input_size or card.input_size, "num_classes": card.num_classes,
+            "warmup": args.warmup, "driver": args.driver, "overrides": overrides}
+
+
+def _sides_by_model(args, overrides: dict, sides) -> list[dict]:
+    """--onednn: every model's step on each of `sides`, the order rotated round by round."""
+    from jaxres.bench.side_by_side import format_sides_table, interleaved_sides
 
     names = [side.name for side in sides]
     print(f"{' / '.join(names)}, each in its own process, {args.steps} rounds of steps in rotated order, after "
           f"1 + {args.warmup} warm-up steps; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs", flush=True)
     rows = []
     for name in args.models:
-        card = model_card(name)
-        spec = {"model": name, "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
-                "input_size": args.input_size or card.input_size, "num_classes": card.num_classes,
-                "warmup": args.warmup, "driver": args.driver, "overrides": overrides}
-        rows.append(interleaved_sides(sides, spec, rounds=args.steps))
+        rows.append(interleaved_sides(sides, _worker_spec(args, name, overrides), rounds=args.steps))
         print(format_sides_table(rows[-1:], names), flush=True)
     for n in names:
         print(f"{n}: {rows[0][n]['framework']} on Python {rows[0][n]['python']} ({rows[0][n]['executable']})")
