@@ -210,7 +210,8 @@ def sharpness_training_figure(curves: dict, lines: list, directory: Path) -> Pat
               "| max lambda_max / ((2+2m)/lr), first lr | lambda_max at the first / last step | HVPs, median |",
               "|---|---|---|---|---|---|---|"]
     for net, records in curves.items():
-        first = [r for r in records if r["learning_rate"] >= 0.99 * max(x["learning_rate"] for x in records)]
+        top_lr = max(r["learning_rate"] for r in records)
+        first = [r for r in records if r["learning_rate"] >= 0.99 * top_lr]
         top = max(first, key=lambda r: r["lambda_max"] / r["threshold_gd"])
         hvps = sorted(r["iterations"] for r in records)[len(records) // 2]
         lines.append(f"| {net} | {len(records)} ({records[0]['step']}-{records[-1]['step']}) | "
