@@ -6,11 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from jaxres.analysis.quantities import MonitorRecord
 from jaxres.experiments import degradation, degradation_plots, degradation_results, intervals
+from jaxres.models import onednn_conv
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 UNITS = ["stem", "unit_1", "unit_2", "head"]
@@ -307,6 +309,10 @@ def test_tiny_grid_on_fashion_mnist_is_not_redone(tmp_path):
     files = sorted(out.glob("runs/*/*/seed*/metrics.jsonl"))
     before = {p: p.read_bytes() for p in files}
     wall = (out / "runs" / "wall_time.jsonl").read_text()
+    invocations = [json.loads(x) for x in wall.splitlines()]
+    assert len(invocations) == 6  # each says what decided its rounding besides the config
+    assert {r["jax"] for r in invocations} == {jax.__version__}
+    assert {r["convolutions"] for r in invocations} == {"onednn" if onednn_conv.enabled() else "xla"}
 
     lines.clear()
     degradation.run_degradation(out, **kwargs, report=lines.append)

@@ -203,6 +203,17 @@ def diverged(out: Path, run: RunSpec, num_steps: int) -> dict | None:
     return records[-1] if records else None
 
 
+def numerics() -> dict:
+    """What decides a run's rounding besides its config: the JAX version and whose convolutions
+    ran (oneDNN's where the extra is installed, else XLA's), kept with each invocation's wall time
+    so runs trained on different setups can be told apart."""
+    import jax
+
+    from jaxres.models import onednn_conv
+
+    return {"jax": jax.__version__, "convolutions": "onednn" if onednn_conv.enabled() else "xla"}
+
+
 def train_one(out: Path, run: RunSpec, config, position: str, report) -> bool:
     """Trains one run in OUT/runs/<condition>/<model>/seed<k> unless it has finished or diverged;
     appends the invocation's wall time (and a divergence) to OUT/runs/wall_time.jsonl.
@@ -223,7 +234,7 @@ def train_one(out: Path, run: RunSpec, config, position: str, report) -> bool:
     report(f"[{position}] {run.name}: training {config.num_steps} steps in {workdir}"
            + (f" (resuming from checkpoint {done})" if done is not None else ""))
     record = {"run": run.name, "condition": run.condition, "model": run.model, "seed": run.seed,
-              "num_steps": config.num_steps}
+              "num_steps": config.num_steps, **numerics()}
     start = time.time()
     try:
         summary = train_and_evaluate(config, workdir, report=report)
