@@ -69,7 +69,8 @@ def grid(tmp_path):
     write_run(tmp_path, "warmup/cifar_plain56/seed3", {"train": 0.9, "window": 0.9, "test": 0.9}, steps=(50,))
     write_jsonl(tmp_path / "runs" / "wall_time.jsonl", [
         {"run": "baseline/cifar_plain20/seed0", "wall_time_s": 10.0, "step": 50, "stopped": True},
-        {"run": "baseline/cifar_plain20/seed0", "wall_time_s": 20.5, "step": 100, "stopped": False},
+        {"run": "baseline/cifar_plain20/seed0", "wall_time_s": 20.5, "step": 100, "stopped": False,
+         "convolutions": "onednn", "jax": "0.12.0"},
         {"run": "warmup/cifar_plain56/seed3", "wall_time_s": 5.0, "num_steps": 100,
          "diverged": "loss is nan at step 51; training stopped"}])
     return tmp_path
@@ -216,6 +217,11 @@ def test_the_training_error_is_the_eval_mode_one_and_the_window_error_is_kept_ap
     assert row["test_error"] == pytest.approx(0.13)
     assert row["wall_time_s"] is None or math.isnan(row["wall_time_s"])  # no invocation recorded
     assert by(results["runs"], run="baseline/cifar_plain20/seed0")["wall_time_s"] == pytest.approx(30.5)
+    # whose convolutions ran, from the invocations that recorded it; "-" where none did
+    assert by(results["runs"], run="baseline/cifar_plain20/seed0")["convolutions"] == "onednn"
+    assert row["convolutions"] == "-"
+    table = degradation_results.markdown_runs(results).splitlines()
+    assert [line.rsplit("|", 2)[-2].strip() for line in table if "plain20/seed" in line] == ["onednn", "-", "-"]
     assert "eval mode" in results["errors"]["train_error"] and "window" in results["errors"]["window_error"]
 
 

@@ -150,6 +150,9 @@ class Run:
     wall_time_s: float = math.nan
     attempts: list = dataclasses.field(default_factory=list)  # attempt_spans of its metrics.jsonl
     diverged: str | None = None
+    # whose convolutions its recorded invocations ran ("onednn", "xla"; "+"-joined where they
+    # differ); "-" where no invocation recorded it (those before the field existed)
+    convolutions: str = "-"
 
     @property
     def name(self) -> str:
@@ -207,15 +210,20 @@ def collect_runs(out_dir) -> list[Run]:
             runs.append(load_run(workdir, workdir.parent.parent.name, workdir.parent.name, int(workdir.name[4:])))
     by_name = {run.name: run for run in runs}
     recorded: dict[str, list] = {}
+    convolutions: dict[str, list[str]] = {}
     for record in read_jsonl(runs_dir / WALL_TIME_FILE):
         run = by_name.get(record.get("run"))
         if run is None:
             continue
         recorded.setdefault(run.name, []).append((number(record.get("time")), number(record.get("wall_time_s"))))
+        convolutions.setdefault(run.name, [])
+        if record.get("convolutions") not in (None, *convolutions[run.name]):
+            convolutions[run.name].append(record["convolutions"])
         if record.get("diverged"):
             run.diverged = record["diverged"]
     for run in runs:
         run.wall_time_s = wall_time(run.attempts, recorded.get(run.name, []))
+        run.convolutions = "+".join(convolutions.get(run.name, [])) or "-"
     return sorted(runs, key=lambda r: (r.condition != BASELINE, r.condition, r.residual, r.depth, r.seed))
 
 
@@ -274,6 +282,7 @@ def run_row(run: Run) -> dict:
     row["end_step"] = records[-1].step if records else None
     row["wall_time_s"] = run.wall_time_s
     row["analysis_time_s"] = run.analysis_time_s
+    row["convolutions"] = run.convolutions
     return row
 
 
@@ -433,7 +442,7 @@ def markdown(results: dict) -> str:
 def markdown_runs(results: dict) -> str:
     """A table of every run (for the log of `jaxres experiment degradation`)."""
     lines = ["| run | steps | train error % (eval) | window % | test error % | unit_1/head: 0 / early min / end | "
-             "wall time | of which gradient monitor |", "|---|---|---|---|---|---|---|---|"]
+             "wall time | of which gradient monitor | convolutions |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["runs"]:
         pct = {k: _fmt(100 * number(row[k]), ".2f") for k in ERRORS}
         grads = " / ".join(_fmt(row[f"unit1_head_{w}"], ".3g") for w in ("start", "early_min", "end"))
@@ -442,5 +451,5 @@ def markdown_runs(results: dict) -> str:
             else "-"
         steps = f"{row['steps']} / {row['num_steps'] or '?'}" + (" diverged" if row["diverged"] else "")
         lines.append(f"| {row['run']} | {steps} | {pct['train_error']} | {pct['window_error']} | {pct['test_error']} | "
-                     f"{grads} | {_fmt(row['wall_time_s'], '.0f')} s | {monitor} |")
+                     f"{grads} | {_fmt(row['wall_time_s'], '.0f')} s | {monitor} | {row['convolutions']} |")
     return "\n".join(lines)
