@@ -298,7 +298,8 @@ def test_missing_dataset_without_debian_files_says_how_to_import(tmp_path, monke
                     reason=f"Fashion-MNIST IDX files absent from {IDX_DIR}: apt-get install dataset-fashion-mnist")
 def test_tiny_grid_on_fashion_mnist_is_not_redone(tmp_path):
     out, lines = tmp_path / "out", []
-    kwargs = dict(models=("cifar_plain8", "cifar_resnet8"), conditions=("baseline", "equalized"), seeds=(0, 1),
+    # --quick's path (its seeds 0 and 1, evaluations, training-subset size), on two of its nets, 2 steps
+    kwargs = dict(models=("cifar_plain8", "cifar_resnet8"), conditions=("baseline", "equalized"), quick=True,
                   num_steps=2, data_dir=str(tmp_path / "tfds"))
     results = degradation.run_degradation(out, **kwargs, report=lines.append)
     assert [r["run"] for r in results["runs"]] == [
@@ -312,6 +313,9 @@ def test_tiny_grid_on_fashion_mnist_is_not_redone(tmp_path):
     seeds = [json.loads((out / "runs" / f"baseline/cifar_plain8/seed{s}/config.json").read_text())["seed"]
              for s in (0, 1)]
     assert seeds == [0, 1]
+    start = json.loads((out / "runs" / "baseline/cifar_plain8/seed0/metrics.jsonl").read_text().splitlines()[0])
+    assert start["schedule"]["train_eval_examples"] == degradation.QUICK_TRAIN_EVAL_EXAMPLES
+    assert start["schedule"]["eval_every_steps"] == 1  # 2 steps, QUICK_EVALUATIONS evaluations
     files = sorted(out.glob("runs/*/*/seed*/metrics.jsonl"))
     before = {p: p.read_bytes() for p in files}
     wall = (out / "runs" / "wall_time.jsonl").read_text()
