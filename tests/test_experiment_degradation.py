@@ -91,6 +91,22 @@ def test_t_interval_of_three_values_uses_students_t_with_two_degrees_of_freedom(
     assert interval.format(spec=".1f") == "2.0 [-0.5, 4.5]"
 
 
+def test_p_value_is_the_two_sided_t_test_of_mean_zero():
+    # df = 2 has a closed form: P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2; here t = 2 / (1 / sqrt(3))
+    t = 2 * math.sqrt(3)
+    assert intervals.t_interval([1.0, 2.0, 3.0]).p == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert intervals.t_interval([0.2, 0.2]).p == 0.0 and intervals.t_interval([0.0, 0.0]).p == 1.0
+    assert math.isnan(intervals.t_interval([0.3]).p)
+
+
+def test_holm_holds_the_smallest_p_values_until_the_first_that_fails_its_threshold():
+    # m = 4 tests (NaN is none): thresholds 0.05/4, 0.05/3, 0.05/2, 0.05 in order of p; 0.04 would
+    # pass its own 0.05, but Holm stops at the first failure (0.03 > 0.025)
+    assert intervals.holm([0.01, 0.04, 0.03, math.nan, 0.005]) == [True, False, False, None, True]
+    assert intervals.holm([0.001, 0.04]) == [True, True]
+    assert intervals.holm([]) == []
+
+
 def test_one_seed_has_no_interval_and_no_verdict():
     interval = intervals.t_interval([0.3, math.nan, None])
     assert interval.n == 1 and math.isnan(interval.low)
@@ -244,6 +260,11 @@ def test_depth_gaps_and_intervention_effects_are_paired_by_seed_with_their_words
     assert gap["difference"].mean == pytest.approx(0.12)
     assert gap["difference"].low == pytest.approx(0.12 - T3 * 0.0264575 / math.sqrt(3), rel=1e-5)
     assert gap["verdict"] == "degrades (deeper is worse)"
+    # 0.016 does not survive Holm's correction over this grid's comparisons; the verdict stays, marked
+    tests = results["multiplicity"]["tests"]
+    assert gap["difference"].p == pytest.approx(0.0158, abs=1e-4) and gap["difference"].p > 0.05 / tests
+    assert gap["holm"] is False
+    assert tests == sum(c["difference"].n >= 2 for c in comparisons + results["mechanism"]["comparisons"])
     effect = by(comparisons, kind="effect", condition="warmup", error="train_error")
     assert effect["difference"].mean == pytest.approx(-0.016667, rel=1e-4) and effect["difference"].n == 3
     assert effect["verdict"] == "cannot tell (the interval holds 0)"
@@ -256,7 +277,7 @@ def test_results_json_is_strict_json_with_intervals_as_objects(grid):
     degradation_plots.write_outputs(grid)
     results = json.loads((grid / "results.json").read_text())
     group = by(results["groups"], condition="baseline", model="cifar_plain20")
-    assert set(group["train_error"]) == {"mean", "low", "high", "n"}
+    assert set(group["train_error"]) == {"mean", "low", "high", "n", "p"}
     assert by(results["groups"], condition="baseline", model="cifar_resnet20")["train_error"]["mean"] is None
     assert by(results["runs"], run="warmup/cifar_plain56/seed3")["diverged"].startswith("loss is nan")
 
@@ -269,7 +290,9 @@ def test_every_figure_and_table_is_written(grid):
     table = (grid / "results.md").read_text()
     assert "| baseline | cifar_plain56 | 0,1,2 | 23.00 [14.04, 31.96] |" in table
     assert "| warmup | cifar_plain56 | 0,1,2 (diverged: 3) |" in table
-    assert "| baseline: cifar_plain56 - cifar_plain20 | train_error | 12.00 [5.43, 18.57] | 3 | degrades" in table
+    # t = 0.12 / (0.0264575 / sqrt(3)) = 7.856 with 2 degrees of freedom: p = 1 - t / sqrt(t^2 + 2) = 0.016
+    assert "| baseline: cifar_plain56 - cifar_plain20 | train_error | 12.00 [5.43, 18.57] | 3 | 0.016 | degrades" in table
+    assert "Holm" in table
     assert not list(grid.glob(".*"))  # no temporary files left
 
 

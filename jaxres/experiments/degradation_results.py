@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxres.analysis import quantities as q
 from jaxres.analysis.monitor import read_analysis
-from jaxres.experiments.intervals import Interval, geometric_mean, paired_difference, t_interval, verdict
+from jaxres.experiments.intervals import Interval, geometric_mean, holm, paired_difference, t_interval, verdict
 from jaxres.files import read_jsonl
 from jaxres.workdir import Workdir
 
@@ -369,6 +369,10 @@ def collect(out_dir) -> tuple[dict, list[Run]]:
     per-run rows, the groups and the comparisons; `runs` the curves and records to plot."""
     runs = collect_runs(out_dir)
     rows = [run_row(run) for run in runs]
+    errors, mechanism = comparisons(rows), comparisons(rows, MECHANISM)
+    family = errors + mechanism  # every verdict results.md prints
+    for c, held in zip(family, holm([c["difference"].p for c in family])):
+        c["holm"] = held
     return {
         "experiment": "degradation (He et al. 2015, Fig. 1/6/7) on Fashion-MNIST, with interventions",
         "analysis_bn": ANALYSIS_BN,
@@ -380,8 +384,11 @@ def collect(out_dir) -> tuple[dict, list[Run]]:
         "wall_time_source": WALL_TIME_SOURCE,
         "runs": rows,
         "groups": group_rows(rows),
-        "comparisons": comparisons(rows),
-        "mechanism": dict(MECHANISM, comparisons=comparisons(rows, MECHANISM)),
+        "comparisons": errors,
+        "mechanism": dict(MECHANISM, comparisons=mechanism),
+        "multiplicity": {"tests": sum(c["holm"] is not None for c in family),
+                         "method": "Holm's step-down over every comparison with at least 2 seeds, "
+                                   "family-wise error 5 %"},
     }, runs
 
 
@@ -422,21 +429,34 @@ def markdown(results: dict) -> str:
                      f"{grads['min_head']} | {_fmt(g['kernel_step_spread_end'], '.2g')} | "
                      f"{_fmt(g['kernel_norm_growth_max'], '.3g')}x | "
                      f"{_fmt(g['wall_time_s'], '.0f')} s |")
-    lines += ["", "Differences in error points, paired by seed [95 % interval]:", "",
-              "| comparison | error | difference | seeds | verdict |", "|---|---|---|---|---|"]
+    tests = results["multiplicity"]["tests"]
+    lines += ["", "Differences in error points, paired by seed [95 % interval]; p: Student's paired t-test; each "
+              f"verdict is at 95 % on its own, so among the {tests} comparisons with two or more seeds about "
+              f"{tests / 20:.1f} would read as a difference by chance if nothing differed. \"Holm\" says whether "
+              f"it holds with the chance of any false verdict among all {tests} kept at 5 % (Holm's step-down).", "",
+              "| comparison | error | difference | seeds | p | verdict | Holm |", "|---|---|---|---|---|---|---|"]
     for c in results["comparisons"]:
-        what = (f"{c['condition']}: {c['model']} - {c['reference'].split('/')[1]}" if c["kind"] == "depth"
-                else f"{c['condition']}/{c['model']} - {c['reference']}")
-        lines.append(f"| {what} | {c['error']} | {c['difference'].format(100)} | {c['difference'].n} | "
-                     f"{c['verdict']} |")
+        lines.append(f"| {_what(c)} | {c['error']} | {c['difference'].format(100)} | {c['difference'].n} | "
+                     f"{_fmt(c['difference'].p, '.2g')} | {c['verdict']} | {_held(c)} |")
     lines += ["", "The candidate mechanism, paired by seed [95 % interval]: the difference in "
               f"{MECHANISM['log10_kernel_norm_growth']} (1 = ten times more growth):", "",
-              "| comparison | difference (log10) | seeds | verdict |", "|---|---|---|---|"]
+              "| comparison | difference (log10) | seeds | p | verdict | Holm |", "|---|---|---|---|---|---|"]
     for c in results["mechanism"]["comparisons"]:
-        what = (f"{c['condition']}: {c['model']} - {c['reference'].split('/')[1]}" if c["kind"] == "depth"
-                else f"{c['condition']}/{c['model']} - {c['reference']}")
-        lines.append(f"| {what} | {c['difference'].format(1)} | {c['difference'].n} | {c['verdict']} |")
+        lines.append(f"| {_what(c)} | {c['difference'].format(1)} | {c['difference'].n} | "
+                     f"{_fmt(c['difference'].p, '.2g')} | {c['verdict']} | {_held(c)} |")
     return "\n".join(lines)
+
+
+def _what(c: dict) -> str:
+    return (f"{c['condition']}: {c['model']} - {c['reference'].split('/')[1]}" if c["kind"] == "depth"
+            else f"{c['condition']}/{c['model']} - {c['reference']}")
+
+
+def _held(c: dict) -> str:
+    """The Holm column: whether a verdict that is not "cannot tell" survives the correction."""
+    if c.get("holm") is None or c["verdict"].startswith("cannot tell"):
+        return "-"
+    return "holds" if c["holm"] else "does not hold"
 
 
 def markdown_runs(results: dict) -> str:
