@@ -264,6 +264,10 @@ def test_depth_gaps_and_intervention_effects_are_paired_by_seed_with_their_words
     tests = results["multiplicity"]["tests"]
     assert gap["difference"].p == pytest.approx(0.0158, abs=1e-4) and gap["difference"].p > 0.05 / tests
     assert gap["holm"] is False
+    # among the primary comparisons (eval-mode training error: this gap and warmup's effect; the
+    # residual pair has no finished seed) Holm's thresholds are 0.05/2 and 0.05: the gap holds
+    assert results["multiplicity"]["primary_tests"] == 2 and gap["holm_primary"] is True
+    assert "holm_primary" not in by(comparisons, kind="depth", condition="baseline", error="test_error")
     assert tests == sum(c["difference"].n >= 2 for c in comparisons + results["mechanism"]["comparisons"])
     effect = by(comparisons, kind="effect", condition="warmup", error="train_error")
     assert effect["difference"].mean == pytest.approx(-0.016667, rel=1e-4) and effect["difference"].n == 3
