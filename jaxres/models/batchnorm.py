@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
@@ -59,13 +60,12 @@ class BatchNorm(nn.Module):
             scale = self.param("scale", self.scale_init, features, self.param_dtype)
             a = a * scale
             dtypes.append(scale)
-        b = -mean * a
+        bias = jnp.zeros_like(a)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
-            b = b + bias
             dtypes.append(bias)
         dtype = nn.dtypes.canonicalize_dtype(*dtypes, dtype=self.dtype)
-        return jnp.asarray(x * a + b, dtype)
+        return jnp.asarray(normalize(x, mean, a, bias), dtype)
 
     def statistics(self, x):
         """(mean, variance) over every axis but the last, in at least float32, averaged over
@@ -76,3 +76,31 @@ class BatchNorm(nn.Module):
         if self.axis_name is not None and not self.is_initializing():
             mean, mean_square = lax.pmean(jnp.stack([mean, mean_square]), self.axis_name)
         return mean, jnp.maximum(0.0, mean_square - lax.square(mean))
+
+
+@jax.custom_vjp
+def normalize(x, mean, a, bias):
+    """(x - mean) * a + bias, with nothing but x kept for the backward pass.
+
+    Centred first, as flax's is: written as x * a + (bias - mean * a) (one multiply-add), the
+    rounding of x * a cancels catastrophically when |mean| is much larger than the spread of x,
+    and at a trained cifar_resnet56 state 2 % of a kernel's gradient was rounding error against
+    float64 (flax's form: 0.05 %). Differentiated by autodiff, the centred form would keep the
+    centred array for the backward pass; this backward recomputes it inside its reductions."""
+    return (x - mean) * a + bias
+
+
+def _normalize_fwd(x, mean, a, bias):
+    return normalize(x, mean, a, bias), (x, mean, a, bias)
+
+
+def _normalize_bwd(residuals, g):
+    x, mean, a, bias = residuals
+    axes = tuple(range(g.ndim - 1))
+    g_bias = g.sum(axes)
+    g_a = (g * (x - mean)).sum(axes)
+    return ((g * a).astype(x.dtype), (-a * g_bias).astype(mean.dtype), g_a.astype(a.dtype),
+            g_bias.astype(bias.dtype))
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
