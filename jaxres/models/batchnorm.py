@@ -1,20 +1,18 @@
-"""BatchNorm: flax.linen.BatchNorm's variables, statistics and running averages, normalizing as
-one multiply-add per element.
+"""BatchNorm: flax.linen.BatchNorm's variables, statistics and running averages, with a backward
+pass that keeps no centred copy of its input.
 
-Flax normalizes as `(x - mean) * (scale / sqrt(var + eps)) + bias`; its backward pass keeps the
-centred `x - mean`, one more array the size of the activation written and read per BatchNorm.
-Here the same affine map is `x * a + b` with `a = scale / sqrt(var + eps)` and
-`b = bias - mean * a`, so nothing but `x` is kept. On XLA:CPU that removed the centred copies
-and a third of the other elementwise and reduction time of a cifar_resnet56 training step
-(one core, profiled: 633 -> 386 ms of a 1.57 s step outside the convolutions; docs/scale.md).
+Flax normalizes as `(x - mean) * (scale / sqrt(var + eps)) + bias`, and autodiff keeps the
+centred `x - mean` for the backward pass: one more array the size of the activation written and
+read per BatchNorm. Here the forward is the same centred expression, and `normalize`'s custom
+VJP keeps only `x` and forms the centred values inside its reductions. (An earlier form,
+`x * a + (bias - mean * a)`, avoided the copy by never centring, and its rounding cancelled for
+features whose mean is far above their spread: see `normalize`.)
 
 Everything else is flax's, to the bit: the variables (`params/scale`, `params/bias`,
 `batch_stats/mean`, `batch_stats/var`, float32 statistics), the statistics (float32 E[x] and
 E[x^2] in one pass, variance clipped at 0, averaged over `axis_name` in one `pmean`), the
-running-average update (`momentum` weighs the old value; none while initializing). The output
-equals flax's to float rounding: both are the same affine map, rounded differently, with the
-same sensitivity to a mean much larger than the spread that flax's default fast variance has.
-Features are the last axis (NHWC).
+running-average update (`momentum` weighs the old value; none while initializing). Outputs and
+derivatives equal flax's to rounding. Features are the last axis (NHWC).
 """
 
 from __future__ import annotations
