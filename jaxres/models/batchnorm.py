@@ -1,14 +1,11 @@
-"""BatchNorm: flax.linen.BatchNorm's variables, statistics and running averages, with a backward
-pass that keeps no centred copy of its input.
+"""BatchNorm: flax.linen.BatchNorm's variables, statistics, running averages and normalization
+(`(x - mean) * (scale / sqrt(var + eps)) + bias`), as one module jaxres owns.
 
-Flax normalizes as `(x - mean) * (scale / sqrt(var + eps)) + bias`, and autodiff keeps the
-centred `x - mean` for the backward pass: one more array the size of the activation written and
-read per BatchNorm. Here the forward is the same centred expression, and `normalize`'s custom
-VJP keeps only `x` and forms the centred values inside its reductions. (An earlier form,
-`x * a + (bias - mean * a)`, avoided the copy by never centring, and its rounding cancelled for
-features whose mean is far above their spread: see `normalize`.)
+An earlier form, `x * a + (bias - mean * a)` (f1f7866 to 24a5d95), kept no centred copy for
+the backward pass and was faster on CPU, but its rounding cancelled for features whose mean is
+far above their spread: see `normalize`.
 
-Everything else is flax's, to the bit: the variables (`params/scale`, `params/bias`,
+Everything is flax's, to the bit: the variables (`params/scale`, `params/bias`,
 `batch_stats/mean`, `batch_stats/var`, float32 statistics), the statistics (float32 E[x] and
 E[x^2] in one pass, variance clipped at 0, averaged over `axis_name` in one `pmean`), the
 running-average update (`momentum` weighs the old value; none while initializing). Outputs and
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
@@ -76,29 +72,13 @@ class BatchNorm(nn.Module):
         return mean, jnp.maximum(0.0, mean_square - lax.square(mean))
 
 
-@jax.custom_vjp
 def normalize(x, mean, a, bias):
-    """(x - mean) * a + bias, with nothing but x kept for the backward pass.
+    """(x - mean) * a + bias, centred first as flax's is.
 
-    Centred first, as flax's is: written as x * a + (bias - mean * a) (one multiply-add), the
-    rounding of x * a cancels catastrophically when |mean| is much larger than the spread of x,
-    and at a trained cifar_resnet56 state 2 % of a kernel's gradient was rounding error against
-    float64 (flax's form: 0.05 %). Differentiated by autodiff, the centred form would keep the
-    centred array for the backward pass; this backward recomputes it inside its reductions."""
+    Written as x * a + (bias - mean * a) (one multiply-add, nothing but x kept for the backward
+    pass; jaxres used it from f1f7866 to 24a5d95), the rounding of x * a cancels when a feature's
+    mean is far above its spread: at a trained cifar_resnet56 state 2 % of a kernel's gradient was
+    rounding error against float64 (this form: 0.05 %). A custom VJP that kept only x would
+    break forward-mode differentiation (`jax.jvp`), which the exact analysis uses through
+    BatchNorm, so autodiff keeps the centred array, as flax's does."""
     return (x - mean) * a + bias
-
-
-def _normalize_fwd(x, mean, a, bias):
-    return normalize(x, mean, a, bias), (x, mean, a, bias)
-
-
-def _normalize_bwd(residuals, g):
-    x, mean, a, bias = residuals
-    axes = tuple(range(g.ndim - 1))
-    g_bias = g.sum(axes)
-    g_a = (g * (x - mean)).sum(axes)
-    return ((g * a).astype(x.dtype), (-a * g_bias).astype(mean.dtype), g_a.astype(a.dtype),
-            g_bias.astype(bias.dtype))
-
-
-normalize.defvjp(_normalize_fwd, _normalize_bwd)
