@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 # The config fields that say when records are made (and the intervals of logs and checkpoints).
-SCHEDULE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "train_eval_examples",
+SCHEDULE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "train_eval_examples", "eval_examples",
                    "analysis_every_steps", "analysis_steps", "analysis_batch_size", "analysis_bn",
                    "analysis_unit_jacobians")
 
@@ -48,6 +48,14 @@ def check_train_eval_examples(value) -> int:
     if not _is_int(value) or value < 0:
         raise ValueError(f"train_eval_examples must be an integer >= 0, the number of training examples evaluated "
                          f"in eval mode at every evaluation (0: none); got {value!r}")
+    return value
+
+
+def check_eval_examples(value) -> int:
+    """`eval_examples` (an integer >= 0), or a ValueError naming the fix."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"eval_examples must be an integer >= 0, the number of eval-split examples scored at every "
+                         f"evaluation of training (0: the whole split); got {value!r}")
     return value
 
 

@@ -343,6 +343,11 @@ def test_tiny_grid_on_fashion_mnist_is_not_redone(tmp_path):
     start = json.loads((out / "runs" / "baseline/cifar_plain8/seed0/metrics.jsonl").read_text().splitlines()[0])
     assert start["schedule"]["train_eval_examples"] == degradation.QUICK_TRAIN_EVAL_EXAMPLES
     assert start["schedule"]["eval_every_steps"] == 1  # 2 steps, QUICK_EVALUATIONS evaluations
+    assert start["schedule"]["eval_examples"] == degradation.QUICK_TEST_EXAMPLES
+    assert start["schedule"]["checkpoint_every_steps"] == 1  # at the evaluations only
+    evals = [json.loads(x) for x in (out / "runs" / "baseline/cifar_plain8/seed0/metrics.jsonl").read_text()
+             .splitlines() if '"split": "eval"' in x]
+    assert [r["count"] for r in evals] == [degradation.QUICK_TEST_EXAMPLES] * 2
     files = sorted(out.glob("runs/*/*/seed*/metrics.jsonl"))
     before = {p: p.read_bytes() for p in files}
     wall = (out / "runs" / "wall_time.jsonl").read_text()

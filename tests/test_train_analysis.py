@@ -144,6 +144,8 @@ def test_the_schedule_may_change_on_resume_and_the_records_say_which_made_them(t
     ("analysis_steps", ("4",), r"analysis_steps must be a tuple of step numbers >= 0 .*got \('4',\)"),
     ("train_eval_examples", -5, r"train_eval_examples must be an integer >= 0.*got -5"),
     ("train_eval_examples", 10**6, r"train_eval_examples 1000000 exceeds the \d+ examples of the training split"),
+    ("eval_examples", -1, r"eval_examples must be an integer >= 0.*got -1"),
+    ("eval_examples", 10**6, r"eval_examples 1000000 exceeds the \d+ examples of the eval split"),
 ])
 def test_a_bad_record_schedule_is_refused_before_training(tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -166,6 +168,21 @@ def test_train_eval_scores_a_fixed_training_subset_in_eval_mode_at_every_evaluat
     expected = run.evaluate(state, data.SourceSubset(run.train_source, indices))
     assert lines[-1]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert lines[-1]["accuracy"] == expected["accuracy"] == summary["train_eval"]["accuracy"]
+
+
+def test_eval_examples_scores_a_fixed_sample_of_the_eval_split_and_evaluate_still_the_whole(tmp_path):
+    config = tiny_config(seed=3, eval_every_steps=2, eval_examples=24)
+    train_and_evaluate(config, tmp_path, **QUIET)
+    lines = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    assert [(r["step"], r["count"]) for r in lines] == [(2, 24), (4, 24)]
+    run = Run(config)
+    indices = data.permuted_indices(len(run.eval_source), 24, TRAIN_EVAL_SEED)
+    np.testing.assert_array_equal(run.evaluation_sources()["eval"].indices, indices)
+    state = run.driver.put_state(run.state.replace(**final_tree(tmp_path, config, 4)[0]))
+    expected = run.evaluate(state, data.SourceSubset(run.eval_source, indices))
+    assert lines[-1]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert lines[-1]["accuracy"] == expected["accuracy"]
+    assert run.evaluate(state)["count"] == len(run.eval_source) > 24  # outside training: the whole split
 
 
 def test_measuring_sharpness_leaves_the_training_bitwise_unchanged(analysed, tmp_path):

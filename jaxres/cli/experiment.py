@@ -35,8 +35,8 @@ def register(subparsers) -> None:
     )
     degr.add_argument("--out", default="runs/degradation", help="output directory (default: %(default)s)")
     degr.add_argument("--quick", action="store_true",
-                      help="depths 8 and 14, seeds 0 and 1, a 64-step schedule evaluated twice: the whole grid in "
-                           "small, to check a setup before the real one")
+                      help="depths 8 and 14, seeds 0 and 1, a 48-step schedule evaluated twice on 2,000 test and "
+                           "2,000 training images: the whole grid in small, to check a setup before the real one")
     degr.add_argument("--plot-only", action="store_true",
                       help="train nothing: plot and tabulate the runs in --out as they are (finished or partial)")
     degr.add_argument("--models", default=None,

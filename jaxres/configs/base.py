@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "train_eval"): the first N of a permutation of the training split drawn from a fixed seed
     # (jaxres.train.run.TRAIN_EVAL_SEED), the same images for every run and seed. 0 = off.
     c.train_eval_examples = 0
+    # The evaluations of training score this many examples of the eval split, the same sample of a
+    # fixed-seed permutation each time (a quick check's cheaper test error); 0 = the whole split.
+    # `jaxres eval` always scores the whole split.
+    c.eval_examples = 0
     # Bookkeeping.
     c.log_every_steps = 100
     c.eval_every_steps = 2000  # also at the end; 0 = only at the end

@@ -25,9 +25,11 @@ QUICK_MODELS = ("cifar_plain8", "cifar_plain14", "cifar_resnet8", "cifar_resnet1
 CONDITIONS = ("baseline", "warmup", "equalized", "delta_orthogonal", "textbook")
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 1)
-QUICK_STEPS = 64
-# --quick evaluates at half-time and at the end, the training error on 2,000 images
-QUICK_EVALUATIONS, QUICK_TRAIN_EVAL_EXAMPLES = 2, 2000
+QUICK_STEPS = 48
+# --quick evaluates at half-time and at the end, on 2,000 test and 2,000 training images, saves
+# checkpoints only then, and measures gradients at the early steps and the end: the cuts that
+# bring its 16 runs under 10 minutes on a 2-core CPU (docs/experiments.md has the measurement)
+QUICK_EVALUATIONS, QUICK_TEST_EXAMPLES, QUICK_TRAIN_EVAL_EXAMPLES = 2, 2000, 2000
 DATASET = "fashion_mnist"
 DEBIAN_IDX_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
@@ -160,7 +162,8 @@ def run_degradation(out_dir, *, models=MODELS, conditions=CONDITIONS, seeds=SEED
     and tables of `degradation_plots.write_outputs` into OUT; returns the results.
 
     quick=True: depths 8 and 14 (unless `models` is given) and seeds 0 and 1 (unless `seeds`
-    is given) for QUICK_STEPS steps, evaluated twice, minutes on a laptop CPU. `num_steps` overrides the
+    is given) for QUICK_STEPS steps, evaluated twice on samples of the test and training splits,
+    minutes on a laptop CPU. `num_steps` overrides the
     recipe's length. The outputs cover every run under OUT/runs, finished or partial;
     plot_only=True trains nothing and only writes them."""
     out = Path(out_dir)
@@ -178,6 +181,9 @@ def run_degradation(out_dir, *, models=MODELS, conditions=CONDITIONS, seeds=SEED
         configs = {run: recipe(run.model, num_steps, run.condition, run.seed) for run in grid}
         for config in configs.values() if quick else ():
             config.eval_every_steps = max(1, config.num_steps // QUICK_EVALUATIONS)
+            config.checkpoint_every_steps = config.eval_every_steps
+            config.analysis_every_steps = config.num_steps
+            config.eval_examples = QUICK_TEST_EXAMPLES
             config.train_eval_examples = QUICK_TRAIN_EVAL_EXAMPLES
         data_dir = ensure_dataset(data_dir, report)
         for i, (run, config) in enumerate(configs.items()):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from jaxres import data, models
-from jaxres.records import check_train_eval_examples
+from jaxres.records import check_eval_examples, check_train_eval_examples
 from jaxres.train import precision
 from jaxres.train.drivers import check_batch_size, make_driver
 from jaxres.train.optim import make_optimizer, make_schedule
@@ -14,7 +14,7 @@ from jaxres.train.state import TrainState, abstract_train_state, create_train_st
 
 # The fixed training subset evaluated at every evaluation (train_eval_examples): the first N of a
 # permutation of the training split drawn from this seed, not the run's, so that every run and
-# every seed is scored on the same images.
+# every seed is scored on the same images. `eval_examples` samples the eval split the same way.
 TRAIN_EVAL_SEED = 0
 
 
@@ -58,6 +58,7 @@ class Run:
         self.eval_source = data.load_source(config.dataset, config.eval_split or self.spec.eval_split,
                                             self.data_dir, seed=config.seed)
         self.train_eval_source = self._train_eval_source(config) if need_train else None
+        self.eval_sample = self._eval_sample(config) if need_train else None
         num_train = len(self.train_source) if need_train else config.batch_size
         self.steps_per_epoch = max(1, num_train // config.batch_size)
         self.model = build_model(config, self.spec)
@@ -91,10 +92,22 @@ class Run:
         return data.SourceSubset(self.train_source, data.permuted_indices(len(self.train_source), size,
                                                                           TRAIN_EVAL_SEED))
 
+    def _eval_sample(self, config):
+        """The first `eval_examples` of a TRAIN_EVAL_SEED permutation of the eval split, or None (all of it)."""
+        size = check_eval_examples(config.get("eval_examples", 0))
+        if not size:
+            return None
+        if size > len(self.eval_source):
+            raise ValueError(f"eval_examples {size} exceeds the {len(self.eval_source)} examples of the eval split; "
+                             f"use at most that many (0: the whole split)")
+        return data.SourceSubset(self.eval_source, data.permuted_indices(len(self.eval_source), size,
+                                                                         TRAIN_EVAL_SEED))
+
     def evaluation_sources(self) -> dict:
-        """{metrics split: source} of one evaluation: "eval" (the eval split) and, with
-        `train_eval_examples`, "train_eval" (the fixed training subset, evaluated the same way)."""
-        sources = {"eval": self.eval_source}
+        """{metrics split: source} of one evaluation of training: "eval" (the eval split, or its
+        `eval_examples` sample) and, with `train_eval_examples`, "train_eval" (the fixed training
+        subset, evaluated the same way)."""
+        sources = {"eval": self.eval_source if self.eval_sample is None else self.eval_sample}
         if self.train_eval_source is not None:
             sources["train_eval"] = self.train_eval_source
         return sources
