@@ -43,20 +43,22 @@ def check_analysis_steps(value) -> frozenset[int]:
     return frozenset(value)
 
 
+def _check_count(field: str, value, meaning: str) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{field} must be an integer >= 0, {meaning}; got {value!r}")
+    return value
+
+
 def check_train_eval_examples(value) -> int:
     """`train_eval_examples` (an integer >= 0), or a ValueError naming the fix."""
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"train_eval_examples must be an integer >= 0, the number of training examples evaluated "
-                         f"in eval mode at every evaluation (0: none); got {value!r}")
-    return value
+    return _check_count("train_eval_examples", value, "the number of training examples evaluated in eval mode at "
+                        "every evaluation (0: none)")
 
 
 def check_eval_examples(value) -> int:
     """`eval_examples` (an integer >= 0), or a ValueError naming the fix."""
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"eval_examples must be an integer >= 0, the number of eval-split examples scored at every "
-                         f"evaluation of training (0: the whole split); got {value!r}")
-    return value
+    return _check_count("eval_examples", value, "the number of eval-split examples scored at every evaluation of "
+                        "training (0: the whole split)")
 
 
 def schedule_fields(config_json: dict) -> dict:

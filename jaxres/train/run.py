@@ -32,6 +32,17 @@ def build_model(config, spec: data.DatasetSpec):
     return models.create_model(config.model, **overrides)
 
 
+def _fixed_sample(source, size: int, field: str, split: str, zero: str):
+    """The first `size` of a TRAIN_EVAL_SEED permutation of `source`, or None for size 0; a
+    ValueError naming config `field` when `split` has fewer examples."""
+    if not size:
+        return None
+    if size > len(source):
+        raise ValueError(f"{field} {size} exceeds the {len(source)} examples of {split}; use at most that many "
+                         f"(0: {zero})")
+    return data.SourceSubset(source, data.permuted_indices(len(source), size, TRAIN_EVAL_SEED))
+
+
 class Run:
     """Everything derived from a config: data sources, model, optimizer, initial state.
 
@@ -83,25 +94,13 @@ class Run:
 
     def _train_eval_source(self, config):
         """The first `train_eval_examples` of a TRAIN_EVAL_SEED permutation of the training split, or None."""
-        size = check_train_eval_examples(config.get("train_eval_examples", 0))
-        if not size:
-            return None
-        if size > len(self.train_source):
-            raise ValueError(f"train_eval_examples {size} exceeds the {len(self.train_source)} examples of the "
-                             f"training split; use at most that many (0: off)")
-        return data.SourceSubset(self.train_source, data.permuted_indices(len(self.train_source), size,
-                                                                          TRAIN_EVAL_SEED))
+        return _fixed_sample(self.train_source, check_train_eval_examples(config.get("train_eval_examples", 0)),
+                             "train_eval_examples", "the training split", "off")
 
     def _eval_sample(self, config):
         """The first `eval_examples` of a TRAIN_EVAL_SEED permutation of the eval split, or None (all of it)."""
-        size = check_eval_examples(config.get("eval_examples", 0))
-        if not size:
-            return None
-        if size > len(self.eval_source):
-            raise ValueError(f"eval_examples {size} exceeds the {len(self.eval_source)} examples of the eval split; "
-                             f"use at most that many (0: the whole split)")
-        return data.SourceSubset(self.eval_source, data.permuted_indices(len(self.eval_source), size,
-                                                                         TRAIN_EVAL_SEED))
+        return _fixed_sample(self.eval_source, check_eval_examples(config.get("eval_examples", 0)),
+                             "eval_examples", "the eval split", "the whole split")
 
     def evaluation_sources(self) -> dict:
         """{metrics split: source} of one evaluation of training: "eval" (the eval split, or its
