@@ -59,6 +59,10 @@ def _draw(ax, runs: list[dr.Run], key: str, colour, label: str, **style):
 
 def _step_axis(ax):
     ax.set_xscale("symlog", linthresh=LINTHRESH)
+    low, high = ax.get_xlim()
+    if high < 10 * max(low, LINTHRESH):  # under a decade: no labelled power of ten falls inside, label the data's steps
+        steps = sorted({int(x) for line in ax.lines for x in line.get_xdata()})
+        ax.set_xticks(steps, [str(s) for s in steps])
     ax.set_xlabel("step")
     ax.grid(alpha=0.3, which="both")
 
