@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 
 # The config fields that say when records are made (and the intervals of logs and checkpoints).
-SCHEDULE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "train_eval_examples", "eval_examples",
-                   "analysis_every_steps", "analysis_steps", "analysis_batch_size", "analysis_bn",
+SCHEDULE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "train_eval_examples",
+                   "eval_examples", "analysis_every_steps", "analysis_steps", "analysis_batch_size", "analysis_bn",
                    "analysis_unit_jacobians")
 
 

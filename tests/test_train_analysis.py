@@ -130,12 +130,16 @@ def test_the_schedule_may_change_on_resume_and_the_records_say_which_made_them(t
     train_and_evaluate(analysis_config(analysis_bn="batch"), tmp_path, **QUIET)  # steps 0, 2, 4
     # a longer run measuring at step 5 only (and the end), with the train subset scored too
     changed = analysis_config(analysis_bn="batch", num_steps=7, analysis_every_steps=0, analysis_steps=(5,),
-                              train_eval_examples=8)
+                              train_eval_examples=8, eval_examples=16)
     train_and_evaluate(changed, tmp_path, **QUIET)
     assert [r["step"] for r in read_analysis(tmp_path)] == [0, 2, 4, 5, 7]
-    starts = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("start")]
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    starts = [r for r in metrics if r.get("start")]
     assert [(r["step"], r["schedule"]["analysis_every_steps"], r["schedule"]["analysis_steps"],
-             r["schedule"]["train_eval_examples"]) for r in starts] == [(0, 2, [], 0), (4, 0, [5], 8)]
+             r["schedule"]["train_eval_examples"], r["schedule"]["eval_examples"]) for r in starts] == [
+        (0, 2, [], 0, 0), (4, 0, [5], 8, 16)]
+    evals = {r["step"]: r["count"] for r in metrics if r["split"] == "eval"}
+    assert evals[7] == 16 < evals[4]  # the whole split before the change, the sample after
 
 
 @pytest.mark.parametrize("field, value, match", [

@@ -163,9 +163,8 @@ def run_degradation(out_dir, *, models=MODELS, conditions=CONDITIONS, seeds=SEED
 
     quick=True: depths 8 and 14 (unless `models` is given) and seeds 0 and 1 (unless `seeds`
     is given) for QUICK_STEPS steps, evaluated twice on samples of the test and training splits,
-    minutes on a laptop CPU. `num_steps` overrides the
-    recipe's length. The outputs cover every run under OUT/runs, finished or partial;
-    plot_only=True trains nothing and only writes them."""
+    minutes on a laptop CPU. `num_steps` overrides the recipe's length. The outputs cover every
+    run under OUT/runs, finished or partial; plot_only=True trains nothing and only writes them."""
     out = Path(out_dir)
     if quick:
         models = QUICK_MODELS if tuple(models) == MODELS else models
